@@ -1,0 +1,25 @@
+import os
+
+# No test may reach a model hub: CI machines have no route to one, and a hub lookup would only time out.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    from workbench.models.tiny import build_tiny
+
+    return build_tiny("llama")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    import workbench
+
+    return workbench.load("smollm2-135m-instruct", device="cpu", progress=False)

@@ -1,0 +1,17 @@
+"""Notebooks run headless with nbclient, top to bottom, without errors."""
+
+import nbformat
+import pytest
+from conftest import REPO
+
+pytestmark = pytest.mark.realmodel
+
+
+def test_quickstart_notebook_runs():
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(REPO / "notebooks" / "quickstart.ipynb", as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "Paris" in text
+    assert "perplexity" in text

@@ -1,0 +1,1 @@
+"""Model registry, fetching and loading (see :func:`workbench.models.loader.load`)."""
