@@ -1,17 +1,10 @@
-"""Prompt formatting and text generation helpers used by the CLI and the demo.
-
-Generation goes through HF ``generate`` for now; the workbench engine (workbench.engine) replaces it.
-"""
+"""Prompt formatting and text generation helpers used by the CLI and the demo."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-
-from workbench.threads import ThreadPolicy, num_threads
-
-DEFAULT_THREADS = ThreadPolicy()
+from workbench.threads import DEFAULT_POLICY, ThreadPolicy
 
 
 def prompt_ids(tokenizer, messages: Sequence[dict], *, chat: bool = True) -> list[int]:
@@ -40,27 +33,22 @@ def generate(
     top_p: float = 1.0,
     seed: int | None = None,
     stream: bool = False,
-    threads: ThreadPolicy | None = DEFAULT_THREADS,
+    threads: ThreadPolicy | None = DEFAULT_POLICY,
 ) -> str:
-    """Generate a continuation of ``ids``; temperature 0 is greedy. Returns the decoded new text."""
-    from transformers import TextStreamer
+    """Generate a continuation of ``ids`` with the workbench engine; temperature 0 is greedy.
 
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    device = next(model.parameters()).device
-    input_ids = torch.tensor([list(ids)], device=device)
-    kwargs = {"do_sample": False} if temperature == 0 else {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
-    with num_threads(threads.decode if threads else None), torch.random.fork_rng(devices=[]):
-        if seed is not None:
-            torch.manual_seed(seed)
-        out = model.generate(
-            input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-            streamer=streamer, **kwargs,
-        )
-    return tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)
+    With ``stream=True`` the text is printed to stdout as it is produced. Returns the new text.
+    """
+    from workbench.engine import Engine, GenerationConfig, SamplingParams
+
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, seed=seed,
+                           sampling=SamplingParams(temperature=temperature, top_p=top_p))
+    engine = Engine(model, tokenizer, threads=threads)
+    if not stream:
+        return engine.generate([list(ids)], cfg)[0].text
+    parts = []
+    for event in engine.stream([list(ids)], cfg):
+        parts.append(event.text)
+        print(event.text, end="", flush=True)
+    print()
+    return "".join(parts)

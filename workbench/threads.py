@@ -19,6 +19,9 @@ class ThreadPolicy:
             raise ValueError(f"thread counts must be >= 1, got prefill={self.prefill} decode={self.decode}")
 
 
+DEFAULT_POLICY = ThreadPolicy()
+
+
 @contextmanager
 def num_threads(n: int | None) -> Iterator[None]:
     """Set torch's intra-op thread count inside the block (None: leave it alone); always restored."""

@@ -95,4 +95,4 @@ def build_tiny(arch: str, seed: int = 0):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
-    return model, tok
+    return model.eval(), tok
