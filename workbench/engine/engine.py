@@ -150,15 +150,12 @@ class Engine:
         with num_threads(self.threads.decode if self.threads else None):
             for t in range(steps):
                 tokens = sampling.choose(processors.process(logits, params, seen, counts), greedy, gens)
+                live = torch.tensor([i for i, r in enumerate(rows) if not r.done], device=dev)
+                seen[live, tokens[live]] = True
+                counts[live, tokens[live]] += 1
                 token_list = tokens.tolist()
-                for i, r in enumerate(rows):
-                    if r.done:
-                        continue
-                    tok = token_list[i]
-                    seen[i, tok] = True
-                    counts[i, tok] += 1
-                    event = self._advance(i, r, tok)
-                    yield event
+                for i in live.tolist():
+                    yield self._advance(i, rows[i], token_list[i])
                 if all(r.done for r in rows):
                     return
                 mask[:, L + t] = 1

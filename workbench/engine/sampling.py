@@ -13,7 +13,7 @@ import torch
 
 
 def choose(logits: torch.Tensor, greedy: Sequence[bool], generators: Sequence[torch.Generator | None]) -> torch.Tensor:
-    """Return ``[B]`` token ids. Rows whose logits are all -inf or NaN fall back to argmax of the raw row."""
+    """Return ``[B]`` token ids: argmax for greedy rows, one draw from ``softmax(logits)`` for the others."""
     out = logits.argmax(-1)
     if all(greedy):
         return out
