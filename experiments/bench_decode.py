@@ -1,7 +1,9 @@
 """Decode throughput: the workbench engine vs HF ``generate`` on the same prompts and thread setting.
 
-Runs are interleaved (engine, HF, engine, HF, ...) so drift affects both; prints a table and writes JSON.
-Greedy, EOS ignored so every run produces exactly ``--new-tokens`` tokens per request.
+Runs are interleaved (engine, engine on the ``hf`` backend, HF, engine, ...) so drift affects all; prints a
+table and writes JSON. Greedy, EOS ignored so every run produces exactly ``--new-tokens`` tokens per request,
+and the engine's tokens are checked against HF's. ``bound`` is HF's time per step over the time of the weight
+matmuls alone: the largest speed-up any forward with the same fp32 weights could reach on this machine.
 
     .venv/bin/python experiments/bench_decode.py --json experiments/results/bench_decode.json
 """
@@ -29,34 +31,72 @@ QUESTIONS = [
 ]
 
 
+def _prefix_equal(ours: list[int], hf: list[int], eos: int) -> bool:
+    """Equal up to our first EOS (HF's ``min_new_tokens`` forbids EOS, the engine's ``ignore_eos`` does not)."""
+    n = ours.index(eos) if eos in ours else len(ours)
+    return ours[:n] == hf[:n]
+
+
+def matmul_floor_ms(backend, batch: int, repeats: int = 20) -> float:
+    """Median time of one decode step's weight matmuls alone (the packed matrices, ``[batch, d] @ W``).
+
+    On CPU a small model's decode step is bound by reading the weights, so this is the time no forward
+    with these fp32 weights can beat; ``HF time / floor`` bounds the reachable speed-up.
+    """
+    mats = [w for ly in backend.layers for w in (ly.wqkv, ly.wo, ly.wgu, ly.wdown)] + [backend.lm_head]
+    xs = {w.shape[0]: torch.randn(batch, w.shape[0]) for w in mats}
+    times = []
+    with torch.inference_mode():
+        for _ in range(repeats + 3):
+            t0 = time.perf_counter()
+            for w in mats:
+                xs[w.shape[0]] @ w
+            times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times[3:])
+
+
 def run(args) -> dict:
     model, tok = workbench.load(args.model, device=args.device, progress=False)
-    policy = ThreadPolicy(prefill=args.threads, decode=args.threads)
-    engine = Engine(model, tok, threads=policy)
     cfg = GenerationConfig(max_new_tokens=args.new_tokens, ignore_eos=True)
     tok.padding_side = "left"
     rows = []
-    for batch in args.batch:
-        ids = [prompt_ids(tok, [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]) for i in range(batch)]
-        enc = tok.pad({"input_ids": ids}, return_tensors="pt").to(model.device)
-        times = {"engine": [], "hf": []}
-        for rep in range(args.repeats + 1):  # first round is warm-up
-            t0 = time.perf_counter()
-            engine.generate(ids, cfg)
-            t1 = time.perf_counter()
-            with num_threads(args.threads), torch.inference_mode():
-                model.generate(**enc, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                               do_sample=False, pad_token_id=tok.pad_token_id)
-            t2 = time.perf_counter()
-            if rep:
-                times["engine"].append(t1 - t0)
-                times["hf"].append(t2 - t1)
-        toks = batch * args.new_tokens
-        eng, hf = statistics.median(times["engine"]), statistics.median(times["hf"])
-        rows.append({"batch": batch, "new_tokens": args.new_tokens, "engine_tok_s": toks / eng,
-                     "hf_tok_s": toks / hf, "ratio": hf / eng, "repeats": args.repeats})
-    return {"model": args.model, "device": str(model.device), "threads": args.threads,
-            "machine": f"{platform.machine()} {torch.get_num_threads()} torch threads max",
+    for threads in args.threads:
+        policy = ThreadPolicy(prefill=threads, decode=threads)
+        engines = {"engine": Engine(model, tok, threads=policy, backend=args.backend),
+                   "engine_hf_backend": Engine(model, tok, threads=policy, backend="hf")}
+        for batch in args.batch:
+            ids = [prompt_ids(tok, [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]) for i in range(batch)]
+            enc = tok.pad({"input_ids": ids}, return_tensors="pt").to(model.device)
+            times = {"engine": [], "engine_hf_backend": [], "hf": []}
+            for rep in range(args.repeats + 1):  # first round is warm-up
+                for name, eng in engines.items():
+                    t0 = time.perf_counter()
+                    out = eng.generate(ids, cfg)
+                    if rep:
+                        times[name].append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                with num_threads(threads), torch.inference_mode():
+                    ref = model.generate(**enc, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                         do_sample=False, pad_token_id=tok.pad_token_id)
+                if rep:
+                    times["hf"].append(time.perf_counter() - t0)
+                same = all(_prefix_equal(o.token_ids, r, tok.eos_token_id)
+                           for o, r in zip(out, ref[:, enc["input_ids"].shape[1]:].tolist(), strict=True))
+            toks = batch * args.new_tokens
+            med = {k: statistics.median(v) for k, v in times.items()}
+            row = {"threads": threads, "batch": batch, "new_tokens": args.new_tokens,
+                   "backend": engines["engine"].backend.name, "engine_tok_s": toks / med["engine"],
+                   "engine_hf_backend_tok_s": toks / med["engine_hf_backend"], "hf_tok_s": toks / med["hf"],
+                   "ratio": med["hf"] / med["engine"], "greedy_tokens_equal_hf": same, "repeats": args.repeats}
+            backend = engines["engine"].backend
+            if hasattr(backend, "layers") and model.device.type == "cpu":
+                with num_threads(threads):
+                    floor = matmul_floor_ms(backend, batch)
+                row["matmul_floor_ms_per_step"] = floor
+                row["ratio_bound"] = (med["hf"] / args.new_tokens * 1000) / floor
+            rows.append(row)
+    return {"model": args.model, "device": str(model.device),
+            "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} torch threads max",
             "torch": torch.__version__, "rows": rows}
 
 
@@ -67,13 +107,17 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts to compare")
+    ap.add_argument("--backend", default="auto", help="engine backend under test (default auto)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     out = run(args)
-    print(f"{'batch':>5} {'engine tok/s':>13} {'HF tok/s':>9} {'ratio':>6}")
+    print(f"{'threads':>7} {'batch':>5} {'backend':>13} {'engine tok/s':>13} {'hf-backend tok/s':>17} "
+          f"{'HF tok/s':>9} {'ratio':>6} {'bound':>6} {'same':>5}")
     for r in out["rows"]:
-        print(f"{r['batch']:>5} {r['engine_tok_s']:>13.1f} {r['hf_tok_s']:>9.1f} {r['ratio']:>6.2f}")
+        print(f"{r['threads']:>7} {r['batch']:>5} {r['backend']:>13} {r['engine_tok_s']:>13.1f} "
+              f"{r['engine_hf_backend_tok_s']:>17.1f} {r['hf_tok_s']:>9.1f} {r['ratio']:>6.2f} "
+              f"{r.get('ratio_bound', float('nan')):>6.2f} {str(r['greedy_tokens_equal_hf']):>5}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=2) + "\n")

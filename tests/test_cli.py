@@ -96,3 +96,28 @@ def test_corpora_list(capsys):
     assert main(["corpora", "list"]) == 0
     out = capsys.readouterr().out
     assert "gcide" in out and "dict-gcide" in out
+
+
+def test_generate_regex_and_schema(capsys, tmp_path):
+    import json
+    import re
+
+    assert main(["generate", "-m", "tiny-llama", "--raw", "--regex", "[0-9]{3}-[a-z]{2}", "--temperature", "1",
+                 "--seed", "3", "hi"]) == 0
+    assert re.fullmatch(r"[0-9]{3}-[a-z]{2}", capsys.readouterr().out.strip())
+    schema = tmp_path / "s.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}))
+    assert main(["generate", "-m", "tiny-llama", "--raw", "--json-schema", str(schema), "--temperature", "1",
+                 "--seed", "1", "--max-new-tokens", "64", "hi"]) == 0
+    assert isinstance(json.loads(capsys.readouterr().out)["n"], int)
+    assert main(["generate", "-m", "tiny-llama", "--raw", "--json-schema", "nope.json", "hi"]) == 2
+    assert "neither a JSON object nor a file" in capsys.readouterr().err
+
+
+def test_generate_beam(capsys, tiny_llama):
+    from workbench.engine import BeamConfig, Engine
+
+    model, tok = tiny_llama
+    assert main(["generate", "-m", "tiny-llama", "--raw", "--beams", "3", "--max-new-tokens", "8", "hello"]) == 0
+    [ref] = Engine(model, tok).generate(["hello"], BeamConfig(num_beams=3, max_new_tokens=8), strategy="beam")
+    assert capsys.readouterr().out == ref.text + "\n"

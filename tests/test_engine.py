@@ -8,9 +8,11 @@ from workbench.models.tiny import build_tiny
 PROMPTS = ["hello there", "a", "the quick brown fox jumps", "xyz 123 !"]
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2"])
+@pytest.fixture(scope="module", params=[("llama", "packed-llama"), ("llama", "hf"), ("gpt2", "hf")],
+                ids=lambda p: "-".join(p))
 def tiny(request):
-    return build_tiny(request.param)
+    arch, backend = request.param
+    return (*build_tiny(arch), backend)
 
 
 def hf_greedy(model, tok, prompts, n):
@@ -24,8 +26,8 @@ def hf_greedy(model, tok, prompts, n):
 
 
 def test_greedy_equals_hf_batch1(tiny):
-    model, tok = tiny
-    eng = Engine(model, tok)
+    model, tok, backend = tiny
+    eng = Engine(model, tok, backend=backend)
     for p in PROMPTS:
         [res] = eng.generate([p], GenerationConfig(max_new_tokens=24, ignore_eos=True))
         assert res.token_ids == hf_greedy(model, tok, [p], 24)[0]
@@ -33,14 +35,14 @@ def test_greedy_equals_hf_batch1(tiny):
 
 
 def test_greedy_equals_hf_batch4_ragged(tiny):
-    model, tok = tiny
-    res = Engine(model, tok).generate(PROMPTS, GenerationConfig(max_new_tokens=24, ignore_eos=True))
+    model, tok, backend = tiny
+    res = Engine(model, tok, backend=backend).generate(PROMPTS, GenerationConfig(max_new_tokens=24, ignore_eos=True))
     assert [r.token_ids for r in res] == hf_greedy(model, tok, PROMPTS, 24)
 
 
 def test_batching_does_not_change_rows(tiny):
-    model, tok = tiny
-    eng = Engine(model, tok)
+    model, tok, backend = tiny
+    eng = Engine(model, tok, backend=backend)
     cfg = GenerationConfig(max_new_tokens=16, ignore_eos=True, sampling=SamplingParams(temperature=0.9), seed=7)
     alone = [eng.generate([p], cfg)[0].token_ids for p in PROMPTS]
     together = [r.token_ids for r in eng.generate(PROMPTS, cfg)]
@@ -48,8 +50,8 @@ def test_batching_does_not_change_rows(tiny):
 
 
 def test_seeds(tiny):
-    model, tok = tiny
-    eng = Engine(model, tok)
+    model, tok, backend = tiny
+    eng = Engine(model, tok, backend=backend)
     s = SamplingParams(temperature=1.0)
     a = eng.generate(["hi"], GenerationConfig(max_new_tokens=20, sampling=s, seed=1, ignore_eos=True))[0]
     b = eng.generate(["hi"], GenerationConfig(max_new_tokens=20, sampling=s, seed=1, ignore_eos=True))[0]
@@ -58,8 +60,8 @@ def test_seeds(tiny):
 
 
 def test_per_request_limits_and_eos(tiny):
-    model, tok = tiny
-    eng = Engine(model, tok)
+    model, tok, backend = tiny
+    eng = Engine(model, tok, backend=backend)
     [free] = eng.generate(["hello"], GenerationConfig(max_new_tokens=12, ignore_eos=True))
     stop_tok = free.token_ids[5]
     first = free.token_ids.index(stop_tok)
@@ -71,8 +73,8 @@ def test_per_request_limits_and_eos(tiny):
 
 
 def test_stop_strings_and_streaming(tiny):
-    model, tok = tiny
-    eng = Engine(model, tok)
+    model, tok, backend = tiny
+    eng = Engine(model, tok, backend=backend)
     [free] = eng.generate(["stream me"], GenerationConfig(max_new_tokens=20, ignore_eos=True))
     text = free.text
     assert len(text) > 6
@@ -96,7 +98,7 @@ def test_stop_strings_and_streaming(tiny):
 ])
 def test_bad_requests(tiny, prompts, cfg, msg):
     with pytest.raises(ValueError, match=msg):
-        Engine(*tiny).stream(prompts, cfg)
+        Engine(tiny[0], tiny[1], backend=tiny[2]).stream(prompts, cfg)
 
 
 @pytest.mark.parametrize("kwargs,msg", [
@@ -108,15 +110,16 @@ def test_bad_configs(kwargs, msg):
 
 
 @pytest.mark.realmodel
+@pytest.mark.parametrize("backend", ["packed-llama", "hf"])
 @pytest.mark.parametrize("batch", [1, 4])
-def test_smollm2_greedy_equals_hf(smollm2, batch):
+def test_smollm2_greedy_equals_hf(smollm2, batch, backend):
     from workbench.chat import prompt_ids
 
     model, tok = smollm2
     qs = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers.",
           "Explain gravity to a child in two sentences."][:batch]
     ids = [prompt_ids(tok, [{"role": "user", "content": q}]) for q in qs]
-    res = Engine(model, tok).generate(ids, GenerationConfig(max_new_tokens=24))
+    res = Engine(model, tok, backend=backend).generate(ids, GenerationConfig(max_new_tokens=24))
     tok.padding_side = "left"
     enc = tok.pad({"input_ids": ids}, return_tensors="pt")
     ref = model.generate(**enc, max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id)
@@ -124,3 +127,81 @@ def test_smollm2_greedy_equals_hf(smollm2, batch):
         hf = row[: row.index(tok.eos_token_id)] if tok.eos_token_id in row else row
         assert r.token_ids == hf
     assert "Paris" in res[0].text and res[0].finish_reason == "eos"
+
+
+def test_repetition_penalty_end_to_end_equals_hf(tiny):
+    model, tok, backend = tiny
+    cfg = GenerationConfig(max_new_tokens=20, ignore_eos=True, sampling=SamplingParams(temperature=0.0,
+                                                                                        repetition_penalty=1.6))
+    res = Engine(model, tok, backend=backend).generate(PROMPTS, cfg)
+    ids = [tok(p)["input_ids"] for p in PROMPTS]
+    tok.padding_side = "left"
+    enc = tok.pad({"input_ids": ids}, return_tensors="pt")
+    ref = model.generate(**enc, max_new_tokens=20, min_new_tokens=20, do_sample=False, repetition_penalty=1.6,
+                         pad_token_id=tok.pad_token_id, eos_token_id=None)
+    assert [r.token_ids for r in res] == ref[:, enc["input_ids"].shape[1]:].tolist()
+    plain = Engine(model, tok, backend=backend).generate(PROMPTS, GenerationConfig(max_new_tokens=20, ignore_eos=True))
+    assert [r.token_ids for r in res] != [r.token_ids for r in plain]  # the penalty really acted
+
+
+def test_frequency_penalty_and_bias_end_to_end(tiny):
+    model, tok, backend = tiny
+    eng = Engine(model, tok, backend=backend)
+    forced = eng.generate(["hi"], GenerationConfig(max_new_tokens=6, ignore_eos=True, sampling=SamplingParams(
+        temperature=0.0, logit_bias={65: 100.0})))[0]
+    assert forced.token_ids == [65] * 6
+    # the frequency penalty (2 per use) wears a +5 bias down: chosen first, then pushed below the others
+    mixed = eng.generate(["hi"], GenerationConfig(max_new_tokens=6, ignore_eos=True, sampling=SamplingParams(
+        temperature=0.0, logit_bias={65: 5.0}, frequency_penalty=2.0)))[0]
+    assert mixed.token_ids[0] == 65 and 1 <= mixed.token_ids.count(65) <= 3
+
+
+def test_unknown_strategy_and_backend(tiny):
+    from workbench.errors import UnknownNameError
+
+    model, tok, backend = tiny
+    with pytest.raises(UnknownNameError, match="unknown generation strategy 'beams'.*Did you mean 'beam'"):
+        Engine(model, tok, backend=backend).generate(["hi"], None, strategy="beams")
+    with pytest.raises(UnknownNameError, match="unknown engine backend 'HF'"):
+        Engine(model, tok, backend="HF")
+
+
+def test_register_strategy():
+    from workbench.engine import STRATEGIES, register_strategy
+
+    class Echo:
+        config_type = GenerationConfig
+
+        def generate(self, engine, prompts, config):
+            return [engine.encode(p) for p in prompts]
+
+    register_strategy("echo-test", Echo())
+    try:
+        model, tok = build_tiny("llama")
+        assert Engine(model, tok).generate(["ab"], strategy="echo-test") == [tok("ab")["input_ids"]]
+        with pytest.raises(ValueError, match="already registered"):
+            register_strategy("echo-test", Echo())
+    finally:
+        STRATEGIES.pop("echo-test")
+
+
+def test_packed_backend_follows_weight_edits():
+    """The packed copy must never serve stale weights after an in-place edit of the model."""
+    import torch
+
+    model, tok = build_tiny("llama")
+    eng = Engine(model, tok, backend="packed-llama")
+    cfg = GenerationConfig(max_new_tokens=8, ignore_eos=True)
+    before = eng.generate(["hello"], cfg)[0].token_ids
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.mul_(-3.0)
+    after = eng.generate(["hello"], cfg)[0].token_ids
+    assert after == Engine(model, tok, backend="hf").generate(["hello"], cfg)[0].token_ids
+    assert after != before
+
+
+def test_packed_backend_rejects_other_architectures():
+    model, tok = build_tiny("gpt2")
+    with pytest.raises(ValueError, match="packed-llama.*model_type 'gpt2'"):
+        Engine(model, tok, backend="packed-llama")
+    assert Engine(model, tok).backend.name == "hf"  # auto falls back

@@ -54,3 +54,14 @@ def test_console_script_installed():
     out = subprocess.run([str(daert), "--help"], capture_output=True, text=True, check=True).stdout
     for cmd in ("models", "generate", "chat", "ppl"):
         assert cmd in out
+
+
+def test_every_subpackage_is_listed_in_pyproject():
+    """A non-editable install ships only the listed packages: a forgotten one would vanish from the wheel."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {"workbench." + ".".join(p.parent.relative_to(REPO / "workbench").parts)
+             for p in (REPO / "workbench").rglob("__init__.py")} | {"workbench.kernels", "workbench.surgery"}
+    found = {f.rstrip(".") for f in found}
+    assert found == listed

@@ -31,19 +31,34 @@ def generate(
     max_new_tokens: int = 128,
     temperature: float = 0.0,
     top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
     seed: int | None = None,
     stream: bool = False,
     threads: ThreadPolicy | None = DEFAULT_POLICY,
+    num_beams: int = 0,
+    constraint=None,
+    backend: str = "auto",
 ) -> str:
     """Generate a continuation of ``ids`` with the workbench engine; temperature 0 is greedy.
 
+    ``num_beams > 0`` runs beam search (no streaming, no sampling options); ``constraint`` is a
+    :class:`~workbench.engine.Regex` or :class:`~workbench.engine.JsonSchema` the output must match.
     With ``stream=True`` the text is printed to stdout as it is produced. Returns the new text.
     """
-    from workbench.engine import Engine, GenerationConfig, SamplingParams
+    from workbench.engine import BeamConfig, Engine, GenerationConfig, SamplingParams
 
-    cfg = GenerationConfig(max_new_tokens=max_new_tokens, seed=seed,
-                           sampling=SamplingParams(temperature=temperature, top_p=top_p))
-    engine = Engine(model, tokenizer, threads=threads)
+    engine = Engine(model, tokenizer, threads=threads, backend=backend)
+    if num_beams:
+        if constraint is not None or temperature:
+            raise ValueError("beam search takes no constraint and no sampling temperature")
+        text = engine.generate([list(ids)], BeamConfig(num_beams=num_beams, max_new_tokens=max_new_tokens),
+                               strategy="beam")[0].text
+        if stream:
+            print(text)
+        return text
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, seed=seed, constraint=constraint,
+                           sampling=SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p))
     if not stream:
         return engine.generate([list(ids)], cfg)[0].text
     parts = []

@@ -22,6 +22,9 @@ def _add_gen_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--backend", default="auto", help="engine backend: auto (default), hf, packed-llama")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--system", default=None, help="system message (chat models)")
 
@@ -45,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_gen_args(gen)
     gen.add_argument("prompt")
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    gen.add_argument("--beams", type=int, default=0, help="beam search with this many beams (0 = off)")
+    how = gen.add_mutually_exclusive_group()
+    how.add_argument("--regex", default=None, help="constrain the output to match this regex in full")
+    how.add_argument("--json-schema", default=None, metavar="SCHEMA",
+                     help="constrain the output to JSON valid under this schema (a JSON string or a file path)")
 
     chat = sub.add_parser("chat", help="chat with a model (interactive, or --message for one-shot turns)")
     _add_model_args(chat)
@@ -113,8 +121,25 @@ def _cmd_generate(args) -> int:
     model, tok = _load(args)
     ids = prompt_ids(tok, _messages(args.system, [{"role": "user", "content": args.prompt}]), chat=not args.raw)
     generate(model, tok, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-             top_p=args.top_p, seed=args.seed, stream=True)
+             top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, seed=args.seed, stream=True,
+             num_beams=args.beams, constraint=_constraint(args), backend=args.backend)
     return 0
+
+
+def _constraint(args):
+    from workbench.engine import JsonSchema, Regex
+
+    if args.regex is not None:
+        return Regex(args.regex)
+    if args.json_schema is not None:
+        text = args.json_schema
+        if not text.lstrip().startswith("{"):
+            path = Path(text)
+            if not path.is_file():
+                raise ValueError(f"--json-schema: {text!r} is neither a JSON object nor a file")
+            text = path.read_text()
+        return JsonSchema(text)
+    return None
 
 
 def _cmd_chat(args) -> int:
@@ -130,7 +155,8 @@ def _cmd_chat(args) -> int:
         ids = prompt_ids(tok, _messages(args.system, history))
         print("assistant> ", end="", flush=True)
         text = generate(model, tok, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                        top_p=args.top_p, seed=args.seed, stream=True)
+                        top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, seed=args.seed, stream=True,
+                        backend=args.backend)
         history.append({"role": "assistant", "content": text.strip()})
 
     if interactive:

@@ -61,6 +61,7 @@ class GenerationConfig:
     eos_token_ids: tuple[int, ...] | None = None  # None: the tokenizer's / model's EOS
     ignore_eos: bool = False
     seed: int | None = None  # per request: same seed, same output, whatever the batch
+    constraint: object | None = None  # constrained.Regex / constrained.JsonSchema: output must match it
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -71,3 +72,38 @@ class GenerationConfig:
             raise ValueError("stop_strings must be non-empty strings")
         if not isinstance(self.sampling, SamplingParams):
             raise ValueError(f"sampling must be a SamplingParams, got {type(self.sampling).__name__}")
+        if self.constraint is not None and not callable(getattr(self.constraint, "to_regex", None)):
+            raise ValueError("constraint must be a workbench.engine.constrained.Regex or JsonSchema, "
+                             f"got {type(self.constraint).__name__}")
+        if self.constraint is not None and self.ignore_eos:
+            raise ValueError("a constrained request ends with EOS once its pattern is complete: "
+                             "ignore_eos=True cannot be combined with constraint")
+
+
+@dataclass(frozen=True)
+class BeamConfig:
+    """Beam search as in HF ``generate(num_beams=...)``.
+
+    ``length_penalty``: finished hypotheses are ranked by ``sum_logprob / generated_len ** length_penalty``
+    (> 0 favours longer outputs); ``early_stopping``: True stops a prompt once ``num_beams`` hypotheses are
+    finished, False stops when no running beam can still beat the worst finished one (heuristic at the current
+    length), ``"never"`` uses the exact bound (canonical beam search).
+    """
+
+    num_beams: int = 4
+    max_new_tokens: int = 64
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    num_return_sequences: int = 1
+    eos_token_ids: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        if self.num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 1 <= self.num_return_sequences <= self.num_beams:
+            raise ValueError(f"num_return_sequences must be in [1, num_beams={self.num_beams}], "
+                             f"got {self.num_return_sequences}")
+        if self.early_stopping not in (True, False, "never"):
+            raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")

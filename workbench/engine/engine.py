@@ -2,7 +2,9 @@
 
 Batches of prompts with different lengths are left-padded; positions come from the attention mask,
 so every row sees the same positions as it would alone. Each request has its own stop conditions
-(EOS, stop strings, max tokens) and its own random generator.
+(EOS, stop strings, max tokens), its own random generator and optionally a regex / JSON-schema constraint.
+Other decoding strategies (beam search, ...) are registered in :mod:`workbench.engine.strategies` and reach
+the model through the same backend (:mod:`workbench.engine.backends`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from workbench.engine import processors, sampling
+from workbench.engine.backends import make_backend
 from workbench.engine.config import GenerationConfig
 from workbench.threads import DEFAULT_POLICY, ThreadPolicy, num_threads
 
@@ -44,12 +47,22 @@ class _Row:
     eos: frozenset[int]
     generator: torch.Generator
     result: GenerationResult
-    emitted: int = 0  # characters of text already streamed
+    guide: object | None = None  # constrained.RowGuide
+    text: str = ""  # text decoded so far
+    emitted: int = 0  # characters of it already streamed
+    prefix: int = 0  # incremental detokenisation window: token offsets
+    read: int = 0
     done: bool = False
 
 
 class Engine:
-    def __init__(self, model, tokenizer, *, threads: ThreadPolicy | None = DEFAULT_POLICY):
+    """Token-level generation over a loaded model; see :meth:`generate` and :meth:`stream`.
+
+    ``backend``: ``"auto"`` (lean packed forward for Llama-family models, else the model's own forward),
+    ``"hf"`` or ``"packed-llama"``; ``threads``: CPU thread counts for prefill and decode (None: leave torch's).
+    """
+
+    def __init__(self, model, tokenizer, *, threads: ThreadPolicy | None = DEFAULT_POLICY, backend: str = "auto"):
         if not hasattr(model, "config") or not callable(model):
             raise TypeError("Engine needs a Hugging Face causal LM (a module with .config)")
         self.model = model
@@ -59,6 +72,8 @@ class Engine:
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = 0 if pad is None else pad
+        self.backend = make_backend(model, backend)
+        self._compiler = None
 
     # -- inputs -------------------------------------------------------------------------------------
 
@@ -76,13 +91,21 @@ class Engine:
             raise ValueError(f"token ids out of range [0, {self.vocab_size}): {bad[:5]}")
         return ids
 
-    def _default_eos(self) -> frozenset[int]:
+    def default_eos(self) -> frozenset[int]:
         ids = self.model.generation_config.eos_token_id if hasattr(self.model, "generation_config") else None
         if ids is None:
             ids = self.tokenizer.eos_token_id
         if ids is None:
             return frozenset()
         return frozenset([ids] if isinstance(ids, int) else ids)
+
+    def guide(self, constraint):
+        """A fresh automaton position for ``constraint`` (compiled once per pattern and tokenizer)."""
+        from workbench.engine.constrained import Compiler
+
+        if self._compiler is None:
+            self._compiler = Compiler(self.tokenizer, self.tokenizer.eos_token_id, self.vocab_size)
+        return self._compiler.guide(constraint)
 
     def _rows(self, prompts, configs) -> list[_Row]:
         if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
@@ -93,97 +116,138 @@ class Engine:
             raise ValueError(f"{len(configs)} configs for {len(prompts)} prompts")
         rows = []
         for prompt, cfg in zip(prompts, configs, strict=True):
+            if not isinstance(cfg, GenerationConfig):
+                raise TypeError(f"config must be a GenerationConfig, got {type(cfg).__name__}")
             gen = torch.Generator(device=self.device)
             gen.manual_seed(cfg.seed if cfg.seed is not None else int(torch.randint(0, 2**62, ()).item()))
             eos = frozenset() if cfg.ignore_eos else (
-                frozenset(cfg.eos_token_ids) if cfg.eos_token_ids is not None else self._default_eos())
-            rows.append(_Row(cfg, eos, gen, GenerationResult(self.encode(prompt))))
+                frozenset(cfg.eos_token_ids) if cfg.eos_token_ids is not None else self.default_eos())
+            guide = None
+            if cfg.constraint is not None:
+                guide = self.guide(cfg.constraint)
+                eos = eos | {guide.eos_token_id}  # the automaton ends a match with the tokenizer's EOS
+            rows.append(_Row(cfg, eos, gen, GenerationResult(self.encode(prompt)), guide))
         return rows
 
-    # -- model calls --------------------------------------------------------------------------------
-
-    def _forward(self, ids, mask, positions, cache):
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                         logits_to_keep=1)
-        return out.logits[:, -1]
-
-    # -- main loop ----------------------------------------------------------------------------------
+    # -- entry points -------------------------------------------------------------------------------
 
     def stream(self, prompts, config: GenerationConfig | Sequence[GenerationConfig] = GENERATION_DEFAULT
                ) -> Iterator[TokenEvent]:
         """Yield :class:`TokenEvent` s as tokens are chosen (rows interleaved, in request order per step)."""
-        return self._run(self._rows(prompts, config))
+        return self._run(self._rows(prompts, config), stream=True)
 
-    def generate(self, prompts, config: GenerationConfig | Sequence[GenerationConfig] = GENERATION_DEFAULT
-                 ) -> list[GenerationResult]:
+    def generate(self, prompts, config=None, *, strategy: str = "sample") -> list:
+        """Run ``strategy`` (an exact name from :data:`workbench.engine.strategies.STRATEGIES`).
+
+        ``"sample"`` (default; greedy when ``temperature == 0``) takes a :class:`GenerationConfig` or one per
+        prompt and returns :class:`GenerationResult` s; ``"beam"`` takes a ``BeamConfig``.
+        """
+        from workbench.engine.strategies import get_strategy
+
+        return get_strategy(strategy).generate(self, prompts, config)
+
+    def sample(self, prompts, config: GenerationConfig | Sequence[GenerationConfig] = GENERATION_DEFAULT
+               ) -> list[GenerationResult]:
         rows = self._rows(prompts, config)
-        for _ in self._run(rows):
+        for _ in self._run(rows, stream=False):
             pass
         return [r.result for r in rows]
 
-    @torch.inference_mode()
-    def _run(self, rows: list[_Row]) -> Iterator[TokenEvent]:
-        from transformers import StaticCache
+    # -- main loop ----------------------------------------------------------------------------------
 
-        B = len(rows)
-        L = max(len(r.result.prompt_ids) for r in rows)
-        steps = max(r.cfg.max_new_tokens for r in rows)
+    def prefill(self, rows_ids: Sequence[Sequence[int]], steps: int):
+        """Left-pad ``rows_ids``, allocate a cache for ``steps`` more tokens and run the prompts.
+
+        Returns ``(logits [B, V], mask [B, L + steps], next_positions [B, 1], cache, L)``.
+        """
+        B, L = len(rows_ids), max(len(p) for p in rows_ids)
         dev = self.device
         ids = torch.full((B, L), self.pad_id, dtype=torch.long, device=dev)
         mask = torch.zeros((B, L + steps), dtype=torch.long, device=dev)
+        for i, p in enumerate(rows_ids):
+            ids[i, L - len(p):] = torch.tensor(p, device=dev)
+            mask[i, L - len(p): L] = 1
+        positions = (mask[:, :L].cumsum(-1) - 1).clamp(min=0)
+        cache = self.backend.new_cache(B, L + steps)
+        with num_threads(self.threads.prefill if self.threads else None):
+            logits = self.backend.forward(ids, mask[:, :L], positions, cache)
+        return logits, mask, positions[:, -1:] + 1, cache, L
+
+    @torch.inference_mode()
+    def _run(self, rows: list[_Row], stream: bool) -> Iterator[TokenEvent]:
+        B, dev = len(rows), self.device
+        steps = max(r.cfg.max_new_tokens for r in rows)
+        logits, mask, next_pos, cache, L = self.prefill([r.result.prompt_ids for r in rows], steps)
         seen = torch.zeros((B, self.vocab_size), dtype=torch.bool, device=dev)
         counts = torch.zeros((B, self.vocab_size), dtype=torch.int32, device=dev)
         for i, r in enumerate(rows):
-            p = torch.tensor(r.result.prompt_ids, device=dev)
-            ids[i, L - len(p):] = p
-            mask[i, L - len(p): L] = 1
-            seen[i, p] = True
-        positions = (mask[:, :L].cumsum(-1) - 1).clamp(min=0)
-        cache = StaticCache(config=self.model.config, max_cache_len=L + steps)
+            seen[i, torch.tensor(r.result.prompt_ids, device=dev)] = True
         params = [r.cfg.sampling for r in rows]
         greedy = [p.greedy for p in params]
         gens = [r.generator for r in rows]
+        constrained = [i for i, r in enumerate(rows) if r.guide is not None]
 
-        with num_threads(self.threads.prefill if self.threads else None):
-            logits = self._forward(ids, mask[:, :L], positions, cache)
-        next_pos = positions[:, -1:] + 1
         with num_threads(self.threads.decode if self.threads else None):
             for t in range(steps):
+                if constrained:
+                    allowed = torch.ones_like(seen)
+                    for i in constrained:
+                        allowed[i] = rows[i].guide.allowed().to(dev)
+                    logits = logits.masked_fill(~allowed, float("-inf"))
                 tokens = sampling.choose(processors.process(logits, params, seen, counts), greedy, gens)
                 live = torch.tensor([i for i, r in enumerate(rows) if not r.done], device=dev)
                 seen[live, tokens[live]] = True
                 counts[live, tokens[live]] += 1
                 token_list = tokens.tolist()
                 for i in live.tolist():
-                    yield self._advance(i, rows[i], token_list[i])
+                    event = self._advance(i, rows[i], token_list[i], stream)
+                    if stream:
+                        yield event
                 if all(r.done for r in rows):
                     return
                 mask[:, L + t] = 1
-                logits = self._forward(tokens.unsqueeze(1), mask[:, : L + t + 1], next_pos, cache)
+                logits = self.backend.forward(tokens.unsqueeze(1), mask[:, : L + t + 1], next_pos, cache)
                 next_pos = next_pos + 1
 
-    def _advance(self, i: int, r: _Row, tok: int) -> TokenEvent:
+    def _advance(self, i: int, r: _Row, tok: int, stream: bool) -> TokenEvent | None:
         res, cfg = r.result, r.cfg
         if tok in r.eos:
             r.done, res.finish_reason = True, "eos"
         else:
             res.token_ids.append(tok)
-        text = self.tokenizer.decode(res.token_ids, skip_special_tokens=True)
-        hold = 0
-        if cfg.stop_strings and not r.done:
-            lookback = max(len(s) for s in cfg.stop_strings) + 16
-            start = max(0, len(res.text) - lookback)
-            hits = [p for p in (text.find(s, start) for s in cfg.stop_strings) if p >= 0]
-            if hits:
-                text, r.done, res.finish_reason = text[: min(hits)], True, "stop"
-            else:
-                hold = max(len(s) for s in cfg.stop_strings) - 1  # a stop string may still be forming
+            if r.guide is not None:
+                r.guide.advance(tok)
         if not r.done and len(res.token_ids) >= cfg.max_new_tokens:
             r.done, res.finish_reason = True, "length"
-        res.text = text
-        upto = len(text) if r.done else max(r.emitted, len(text) - hold)
-        if not r.done and text[r.emitted:upto].endswith("\ufffd"):
-            upto = r.emitted  # an incomplete UTF-8 sequence: wait for the next token
-        delta, r.emitted = text[r.emitted:upto], upto
+        if not (stream or cfg.stop_strings or r.done):
+            return None  # text is only needed to stream, to find stop strings and at the end
+        r.text += self._next_text(r)
+        hold = 0
+        if cfg.stop_strings:
+            longest = max(len(s) for s in cfg.stop_strings)
+            start = max(0, r.emitted - longest)
+            hits = [p for p in (r.text.find(s, start) for s in cfg.stop_strings) if p >= 0]
+            if hits:
+                r.text, r.done, res.finish_reason = r.text[: min(hits)], True, "stop"
+            else:
+                hold = longest - 1  # a stop string may still be forming
+        upto = len(r.text) if r.done else max(r.emitted, len(r.text) - hold)
+        delta, r.emitted = r.text[r.emitted: upto], upto
+        if r.done:
+            res.text = r.text
         return TokenEvent(i, tok, delta, r.done, res.finish_reason)
 
+    def _next_text(self, r: _Row) -> str:
+        """Text added by the newest token (incremental detokenisation: a short window per step, not O(n)).
+
+        Decodes ``ids[prefix:]`` and returns what extends the decode of ``ids[prefix:read]``, so characters
+        spanning several tokens, and tokenizers that merge leading spaces, come out as a full decode would.
+        """
+        ids = r.result.token_ids
+        dec = self.tokenizer.decode
+        before = dec(ids[r.prefix: r.read], skip_special_tokens=True)
+        after = dec(ids[r.prefix:], skip_special_tokens=True)
+        if len(after) > len(before) and (r.done or not after.endswith("\ufffd")):
+            r.prefix, r.read = r.read, len(ids)
+            return after[len(before):]
+        return ""  # an incomplete UTF-8 sequence: wait for the next token
