@@ -59,10 +59,16 @@ class Engine:
     """Token-level generation over a loaded model; see :meth:`generate` and :meth:`stream`.
 
     ``backend``: ``"auto"`` (lean packed forward for Llama-family models, else the model's own forward),
-    ``"hf"`` or ``"packed-llama"``; ``threads``: CPU thread counts for prefill and decode (None: leave torch's).
+    ``"hf"`` or ``"packed-llama"``; ``threads``: CPU thread counts for prefill and decode (None: leave torch's);
+    ``sampler``: ``"auto"`` (the fused Triton sampling kernel on CUDA when the rows' filters allow it, else
+    torch), ``"torch"`` or ``"triton"`` (on CPU this needs ``TRITON_INTERPRET=1``). The kernel draws from the
+    same distribution with its own random stream (seeded per request, so still reproducible).
     """
 
-    def __init__(self, model, tokenizer, *, threads: ThreadPolicy | None = DEFAULT_POLICY, backend: str = "auto"):
+    SAMPLERS = ("auto", "torch", "triton")
+
+    def __init__(self, model, tokenizer, *, threads: ThreadPolicy | None = DEFAULT_POLICY, backend: str = "auto",
+                 sampler: str = "auto"):
         if not hasattr(model, "config") or not callable(model):
             raise TypeError("Engine needs a Hugging Face causal LM (a module with .config)")
         self.model = model
@@ -73,6 +79,9 @@ class Engine:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = 0 if pad is None else pad
         self.backend = make_backend(model, backend)
+        if sampler not in self.SAMPLERS:
+            raise ValueError(f"sampler must be one of {self.SAMPLERS}, got {sampler!r}")
+        self.sampler = sampler
         self._compiler = None
 
     # -- inputs -------------------------------------------------------------------------------------
@@ -186,6 +195,13 @@ class Engine:
         greedy = [p.greedy for p in params]
         gens = [r.generator for r in rows]
         constrained = [i for i, r in enumerate(rows) if r.guide is not None]
+        fused = self._use_kernel(params)
+        if fused:
+            from workbench.kernels import sampling as ksampling
+
+            kw = dict(temperature=[p.temperature for p in params], top_k=[p.top_k for p in params],
+                      top_p=[p.top_p for p in params], min_p=[p.min_p for p in params],
+                      seeds=[int(torch.randint(0, 2**62, (), generator=g)) for g in gens])
 
         with num_threads(self.threads.decode if self.threads else None):
             for t in range(steps):
@@ -194,7 +210,11 @@ class Engine:
                     for i in constrained:
                         allowed[i] = rows[i].guide.allowed().to(dev)
                     logits = logits.masked_fill(~allowed, float("-inf"))
-                tokens = sampling.choose(processors.process(logits, params, seen, counts), greedy, gens)
+                if fused:
+                    x = processors.process(logits, params, seen, counts, filters=False)
+                    tokens = ksampling.sample(x, **kw, offset=t, impl="triton")
+                else:
+                    tokens = sampling.choose(processors.process(logits, params, seen, counts), greedy, gens)
                 live = torch.tensor([i for i, r in enumerate(rows) if not r.done], device=dev)
                 seen[live, tokens[live]] = True
                 counts[live, tokens[live]] += 1
@@ -208,6 +228,19 @@ class Engine:
                 mask[:, L + t] = 1
                 logits = self.backend.forward(tokens.unsqueeze(1), mask[:, : L + t + 1], next_pos, cache)
                 next_pos = next_pos + 1
+
+    def _use_kernel(self, params) -> bool:
+        if self.sampler == "torch" or all(p.greedy for p in params):
+            return False
+        ok = processors.fused_kernel_can_sample(params)
+        if self.sampler == "triton":
+            if not ok:
+                raise ValueError("the Triton sampler cannot combine top-k with top-p, nor do typical-p; "
+                                 "use sampler='torch' or 'auto'")
+            return True
+        from workbench.kernels._launch import triton_importable
+
+        return ok and self.device.type == "cuda" and triton_importable()
 
     def _advance(self, i: int, r: _Row, tok: int, stream: bool) -> TokenEvent | None:
         res, cfg = r.result, r.cfg

@@ -86,9 +86,11 @@ def logit_bias(logits, biases: Sequence[dict[int, float]]):
     return out
 
 
-def process(logits: torch.Tensor, params: Sequence[SamplingParams], seen: torch.Tensor, counts: torch.Tensor):
+def process(logits: torch.Tensor, params: Sequence[SamplingParams], seen: torch.Tensor, counts: torch.Tensor,
+            *, filters: bool = True):
     """Apply every configured processor, skipping those no row uses. ``seen``: prompt+generated tokens
-    (bool ``[B, V]``); ``counts``: generated-token counts (``[B, V]``)."""
+    (bool ``[B, V]``); ``counts``: generated-token counts (``[B, V]``). ``filters=False`` stops after the
+    penalties and bias (temperature and the filters are then left to a fused sampling kernel)."""
     x = logits.float()
     if any(p.repetition_penalty != 1.0 for p in params):
         x = repetition_penalty(x, seen, [p.repetition_penalty for p in params])
@@ -96,7 +98,7 @@ def process(logits: torch.Tensor, params: Sequence[SamplingParams], seen: torch.
         x = frequency_presence(x, counts, [p.frequency_penalty for p in params], [p.presence_penalty for p in params])
     if any(p.logit_bias for p in params):
         x = logit_bias(x, [p.logit_bias for p in params])
-    if all(p.greedy for p in params):
+    if not filters or all(p.greedy for p in params):
         return x
     x = temperature(x, [p.temperature for p in params])
     if any(p.top_k > 0 for p in params):
@@ -108,3 +110,9 @@ def process(logits: torch.Tensor, params: Sequence[SamplingParams], seen: torch.
     if any(p.typical_p < 1.0 for p in params):
         x = typical(x, [p.typical_p for p in params])
     return x
+
+
+def fused_kernel_can_sample(params: Sequence[SamplingParams]) -> bool:
+    """Whether ``workbench.kernels.sampling`` implements exactly these rows' filters (no typical-p; top-k and
+    top-p not combined, since the engine renormalises after top-k and the kernel intersects the filters)."""
+    return all(p.typical_p == 1.0 and not (p.top_k > 0 and p.top_p < 1.0) for p in params)
