@@ -205,3 +205,11 @@ def test_packed_backend_rejects_other_architectures():
     with pytest.raises(ValueError, match="packed-llama.*model_type 'gpt2'"):
         Engine(model, tok, backend="packed-llama")
     assert Engine(model, tok).backend.name == "hf"  # auto falls back
+
+
+def test_chunked_prefill_is_exact(tiny):
+    model, tok, backend = tiny
+    cfg = GenerationConfig(max_new_tokens=8, ignore_eos=True)
+    whole = Engine(model, tok, backend=backend).generate(["a long prompt to cut in pieces"], cfg)[0].token_ids
+    chunked = Engine(model, tok, backend=backend, prefill_chunk=7).generate(["a long prompt to cut in pieces"], cfg)
+    assert chunked[0].token_ids == whole

@@ -13,7 +13,8 @@ class UnknownNameError(WorkbenchError, KeyError):
     """An exact-name registry lookup failed."""
 
     def __init__(self, kind: str, name: str, known: list[str], hint: str = ""):
-        close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+        lower = {k.lower(): k for k in known}
+        close = [lower[c] for c in difflib.get_close_matches(str(name).lower(), list(lower), n=3, cutoff=0.5)]
         msg = f"unknown {kind} {name!r}. Known {kind}s: {', '.join(sorted(known))}."
         if close:
             msg += f" Did you mean {' or '.join(repr(c) for c in close)}? (names are matched exactly)"

@@ -99,6 +99,8 @@ class PackedLlamaBackend:
             return "no rotary embedding with inv_freq found"
         if getattr(rope, "rope_type", "default") not in cls.STATIC_ROPE:
             return f"rope_type {rope.rope_type!r} changes with sequence length"
+        if getattr(rope, "_daert_dynamic_rope", False):
+            return "a dynamic RoPE scaling hook is active (frequencies change with sequence length)"
         if getattr(cfg, "hidden_act", "silu") != "silu":
             return f"hidden_act {cfg.hidden_act!r} (only silu)"
         if getattr(cfg, "pretraining_tp", 1) != 1:
@@ -146,6 +148,9 @@ class PackedLlamaBackend:
             self._pack()
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
+        why = self.unsupported(self.model)
+        if why:
+            raise ValueError(f"backend 'packed-llama' cannot run this model any more: {why}")
         self.refresh()
         return KVCache(len(self.layers), batch, self.kv_heads, max_len, self.head_dim, self.dtype, self.embed.device)
 

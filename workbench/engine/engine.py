@@ -68,7 +68,7 @@ class Engine:
     SAMPLERS = ("auto", "torch", "triton")
 
     def __init__(self, model, tokenizer, *, threads: ThreadPolicy | None = DEFAULT_POLICY, backend: str = "auto",
-                 sampler: str = "auto"):
+                 sampler: str = "auto", prefill_chunk: int = 2048):
         if not hasattr(model, "config") or not callable(model):
             raise TypeError("Engine needs a Hugging Face causal LM (a module with .config)")
         self.model = model
@@ -79,9 +79,13 @@ class Engine:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = 0 if pad is None else pad
         self.backend = make_backend(model, backend)
+        self._auto_backend = backend == "auto"
         if sampler not in self.SAMPLERS:
             raise ValueError(f"sampler must be one of {self.SAMPLERS}, got {sampler!r}")
         self.sampler = sampler
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk  # long prompts go through in pieces: attention memory stays O(chunk * L)
         self._compiler = None
 
     # -- inputs -------------------------------------------------------------------------------------
@@ -177,9 +181,17 @@ class Engine:
             ids[i, L - len(p):] = torch.tensor(p, device=dev)
             mask[i, L - len(p): L] = 1
         positions = (mask[:, :L].cumsum(-1) - 1).clamp(min=0)
+        if self._auto_backend:  # the model may have changed since (e.g. a dynamic RoPE scaling hook)
+            from workbench.engine.backends import PackedLlamaBackend
+
+            want = "hf" if PackedLlamaBackend.unsupported(self.model) else "packed-llama"
+            if want != self.backend.name:
+                self.backend = make_backend(self.model, want)
         cache = self.backend.new_cache(B, L + steps)
         with num_threads(self.threads.prefill if self.threads else None):
-            logits = self.backend.forward(ids, mask[:, :L], positions, cache)
+            for s in range(0, L, self.prefill_chunk):
+                e = min(L, s + self.prefill_chunk)
+                logits = self.backend.forward(ids[:, s:e], mask[:, :e], positions[:, s:e], cache)
         return logits, mask, positions[:, -1:] + 1, cache, L
 
     @torch.inference_mode()
