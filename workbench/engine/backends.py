@@ -29,11 +29,12 @@ class HFBackend:
 
         return StaticCache(config=self.model.config, max_cache_len=max_len)
 
-    def forward(self, ids, mask, positions, cache) -> torch.Tensor:
-        """Run ``ids`` [B, T] (mask: [B, cached + T] key validity) and return the last position's logits."""
+    def forward(self, ids, mask, positions, cache, all_positions: bool = False) -> torch.Tensor:
+        """Run ``ids`` [B, T] (mask: [B, cached + T] key validity) and return the last position's logits
+        ``[B, V]`` (or every position's, ``[B, T, V]``, with ``all_positions``)."""
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                         logits_to_keep=1)
-        return out.logits[:, -1]
+                         logits_to_keep=0 if all_positions else 1)
+        return out.logits if all_positions else out.logits[:, -1]
 
     def reorder(self, cache, index: torch.Tensor) -> None:
         """Keep cache rows ``index`` (beam search), in place."""
@@ -169,7 +170,7 @@ class PackedLlamaBackend:
         return cos.to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
 
     @torch.no_grad()
-    def forward(self, ids, mask, positions, cache: KVCache) -> torch.Tensor:
+    def forward(self, ids, mask, positions, cache: KVCache, all_positions: bool = False) -> torch.Tensor:
         B, T = ids.shape
         start, end = cache.length, cache.length + T
         if end > cache.max_len:
@@ -211,7 +212,7 @@ class PackedLlamaBackend:
             d = (F.silu(g) * u) @ ly.wdown
             h = h + (d if ly.bdown is None else d + ly.bdown)
         cache.length = end
-        last = self._rms(h[:, -1], self.final_norm)
+        last = self._rms(h if all_positions else h[:, -1], self.final_norm)
         logits = last @ self.lm_head
         return logits if self.lm_bias is None else logits + self.lm_bias
 

@@ -47,7 +47,45 @@ class BeamStrategy:
         return beam_search(engine, prompts, BeamConfig() if config is None else config)
 
 
-STRATEGIES: dict[str, Any] = {"sample": SampleStrategy(), "beam": BeamStrategy()}
+@dataclass(frozen=True)
+class SpeculativeStrategy:
+    """Speculative decoding (exact); ``draft``: an Engine or (model, tokenizer) for proposer 'draft-model'."""
+
+    draft: Any = None
+
+    @property
+    def config_type(self):
+        from workbench.engine.speculative import SpeculativeConfig
+
+        return SpeculativeConfig
+
+    def generate(self, engine, prompts, config):
+        from workbench.engine.speculative import SpeculativeConfig, speculative_generate
+
+        return speculative_generate(engine, prompts, SpeculativeConfig() if config is None else config,
+                                    draft=self.draft)
+
+
+@dataclass(frozen=True)
+class MCTSStrategy:
+    """Monte Carlo tree search over tokens with the reward in its MCTSConfig."""
+
+    @property
+    def config_type(self):
+        from workbench.engine.mcts import MCTSConfig
+
+        return MCTSConfig
+
+    def generate(self, engine, prompts, config):
+        from workbench.engine.mcts import mcts_generate
+
+        if config is None:
+            raise ValueError("strategy 'mcts' needs an MCTSConfig with a reward")
+        return mcts_generate(engine, prompts, config)
+
+
+STRATEGIES: dict[str, Any] = {"sample": SampleStrategy(), "beam": BeamStrategy(),
+                              "speculative": SpeculativeStrategy(), "mcts": MCTSStrategy()}
 
 
 def register_strategy(name: str, strategy: Any, *, replace: bool = False) -> None:

@@ -1,0 +1,336 @@
+"""Speculative decoding: a proposer drafts tokens, the target model verifies them all in one forward.
+
+Verification is exact (Leviathan et al. 2023; Chen et al. 2023; :mod:`workbench.kernels.spec_verify`): the
+output is distributed as sampling from the target alone, and greedy output equals plain greedy decoding.
+Proposers are looked up by exact name in :data:`PROPOSERS`: ``prompt-lookup`` (copy the continuation of the
+latest earlier occurrence of the last n-gram; point-mass drafts, no extra model) and ``draft-model`` (a smaller
+model with the same tokenizer, sampled with the same processors). Draft length adapts per request: +2 after a
+fully accepted block, -1 otherwise, so input-grounded text gets long drafts and open-ended text short ones.
+
+Batches are ragged: every verification step appends ``1 + max drafts`` slots to the KV cache; each request's
+rejected drafts are rolled back by masking their slots (and reusing their positions), so requests accept
+different numbers of tokens without re-running anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from workbench.engine import processors
+from workbench.engine.config import GREEDY, SamplingParams
+from workbench.errors import UnknownNameError
+from workbench.threads import num_threads
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    max_new_tokens: int = 128
+    sampling: SamplingParams = GREEDY
+    proposer: str = "prompt-lookup"
+    num_draft: int = 4  # initial draft length
+    max_draft: int = 8
+    adaptive: bool = True
+    ngram_min: int = 1  # prompt lookup: shortest n-gram to match
+    ngram_max: int = 3
+    eos_token_ids: tuple[int, ...] | None = None
+    ignore_eos: bool = False
+    seed: int | None = None
+
+    def __post_init__(self):
+        s = self.sampling
+        checks = [
+            (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
+            (1 <= self.num_draft <= self.max_draft, f"need 1 <= num_draft <= max_draft, got {self.num_draft}, "
+                                                    f"{self.max_draft}"),
+            (1 <= self.ngram_min <= self.ngram_max, "need 1 <= ngram_min <= ngram_max"),
+            (isinstance(s, SamplingParams), "sampling must be a SamplingParams"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+        if s.repetition_penalty != 1.0 or s.frequency_penalty or s.presence_penalty:
+            raise ValueError("speculative decoding does not support repetition/frequency/presence penalties "
+                             "(they change within a verified block); use strategy 'sample'")
+        if self.proposer not in PROPOSERS:
+            raise UnknownNameError("proposer", self.proposer, list(PROPOSERS))
+
+
+@dataclass
+class SpeculativeResult:
+    prompt_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    steps: int = 0  # target forwards after the prefill
+    proposed: int = 0
+    accepted: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        return len(self.token_ids) / max(1, self.steps)
+
+
+class Ragged:
+    """A left-padded batch in a backend's KV cache that grows by ragged appends; slots can be masked out."""
+
+    def __init__(self, engine, prompts: Sequence[Sequence[int]], extra: int):
+        self.engine = engine
+        self.logits, self.mask, pos, self.cache, self.filled = engine.prefill(prompts, extra)
+        self.pos = pos[:, 0].clone()  # next position per row
+        self.B = len(prompts)
+
+    def append(self, tokens: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Feed each row's tokens (rows may differ in count; empty rows get one masked pad). -> ``[B, U, V]``."""
+        dev = self.engine.device
+        U = max(1, max(len(t) for t in tokens))
+        ids = torch.full((self.B, U), self.engine.pad_id, dtype=torch.long, device=dev)
+        lens = torch.tensor([len(t) for t in tokens], device=dev)
+        for b, t in enumerate(tokens):
+            if t:
+                ids[b, : len(t)] = torch.tensor(t, device=dev)
+        j = torch.arange(U, device=dev)
+        self.mask[:, self.filled: self.filled + U] = (j[None, :] < lens[:, None]).long()
+        positions = self.pos[:, None] + j[None, :]
+        self.start = self.filled
+        with num_threads(self.engine.threads.decode if self.engine.threads else None):
+            logits = self.engine.backend.forward(ids, self.mask[:, : self.filled + U], positions, self.cache,
+                                                 all_positions=True)
+        self.filled += U
+        self.pos += lens
+        return logits
+
+    def drop_tail(self, row: int, keep: int, appended: int) -> None:
+        """Of the last append's ``appended`` tokens of ``row``, keep the first ``keep`` (mask the rest)."""
+        if keep < appended:
+            self.mask[row, self.start + keep: self.start + appended] = 0
+            self.pos[row] -= appended - keep
+
+
+def _probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Processed target/draft distributions ``[B, T, V]`` (one-hot argmax for greedy rows)."""
+    B, T, V = logits.shape
+    flat = logits.reshape(B * T, V).float()
+    rep = [p for p in params for _ in range(T)]
+    none = torch.zeros((1, 1), dtype=torch.bool, device=logits.device).expand(B * T, V)
+    x = processors.process(flat, rep, none, none.int())
+    probs = torch.softmax(x, -1)
+    greedy = torch.tensor([p.greedy for p in rep], device=logits.device)
+    if greedy.any():
+        one_hot = torch.nn.functional.one_hot(x.argmax(-1), V).float()
+        probs = torch.where(greedy[:, None], one_hot, probs)
+    return probs.view(B, T, V)
+
+
+def _draw(probs: torch.Tensor, gens) -> list[int]:
+    """One token per row of ``probs [B, V]`` with each row's generator (inverse CDF)."""
+    out = []
+    for b, g in enumerate(gens):
+        u = torch.rand((), generator=g, device=probs.device)
+        c = probs[b].cumsum(0)
+        idx = int(torch.searchsorted(c, u * c[-1], right=True).clamp(max=probs.shape[1] - 1))
+        while probs[b, idx] == 0:  # rounding landed on a zero-probability token: step back
+            idx -= 1
+        out.append(idx)
+    return out
+
+
+# -- proposers ---------------------------------------------------------------------------------------------
+
+
+class PromptLookup:
+    """Drafts by n-gram lookup in the request's own prompt and output (Saxena 2023, "prompt lookup decoding")."""
+
+    point_mass = True
+
+    def __init__(self, cfg: SpeculativeConfig, **_):
+        self.cfg = cfg
+
+    def start(self, engine, contexts, params, gens, extra):
+        self.ctx = [list(c) for c in contexts]
+
+    def propose(self, ks: Sequence[int]):
+        out = []
+        for ctx, k in zip(self.ctx, ks, strict=True):
+            out.append(self._lookup(ctx, k) if k > 0 else [])
+        return out, None
+
+    def _lookup(self, ctx: list[int], k: int) -> list[int]:
+        for n in range(min(self.cfg.ngram_max, len(ctx) - 1), self.cfg.ngram_min - 1, -1):
+            tail = ctx[-n:]
+            for i in range(len(ctx) - n - 1, -1, -1):  # latest earlier occurrence first
+                if ctx[i: i + n] == tail:
+                    return ctx[i + n: i + n + k]
+        return []
+
+    def commit(self, row: int, accepted: list[int], drafts: list[int], new: int):
+        self.ctx[row].extend(accepted + [new])
+
+
+class DraftModel:
+    """Drafts with a smaller model sharing the tokenizer; its KV cache follows the target's acceptances."""
+
+    point_mass = False
+
+    def __init__(self, cfg: SpeculativeConfig, draft=None, **_):
+        if draft is None:
+            raise ValueError("proposer 'draft-model' needs draft=<Engine or (model, tokenizer)>")
+        self.cfg = cfg
+        self.draft = draft
+
+    def start(self, engine, contexts, params, gens, extra):
+        from workbench.engine.engine import Engine
+
+        d = self.draft if isinstance(self.draft, Engine) else Engine(*self.draft, threads=engine.threads)
+        if d.vocab_size != engine.vocab_size:
+            raise ValueError(f"draft vocab {d.vocab_size} != target vocab {engine.vocab_size}: the draft model "
+                             "must share the target's tokenizer")
+        self.params, self.gens = params, gens
+        self.seq = Ragged(d, [c[:-1] for c in contexts], extra)
+        self.unseen = [[c[-1]] for c in contexts]
+
+    def begin_round(self):
+        self.round_start = self.seq.filled
+
+    def propose(self, ks: Sequence[int]):
+        """Draft ``max(ks)`` tokens for every row (the loop trims each row to its own k)."""
+        k = max(ks)
+        self.k_round, self.round_unseen = k, [len(u) for u in self.unseen]
+        drafts: list[list[int]] = [[] for _ in ks]
+        if k == 0:
+            return drafts, None
+        feed, qs = self.unseen, []
+        for step in range(k):
+            logits = self.seq.append(feed)
+            last = torch.tensor([max(0, len(f) - 1) for f in feed], device=logits.device)
+            q = _probs(logits[torch.arange(len(feed)), last][:, None], self.params)[:, 0]
+            toks = _draw(q, self.gens)
+            qs.append(q)
+            for b, t in enumerate(toks):
+                drafts[b].append(t)
+            if step < k - 1:
+                feed = [[t] for t in toks]
+        self.round_drafts = drafts
+        return drafts, torch.stack(qs, 1)
+
+    def commit(self, row: int, accepted: list[int], drafts: list[int], new: int):
+        if self.k_round == 0:
+            self.unseen[row] = self.unseen[row] + [new]
+            return
+        # fed this round: the unseen tokens, then drafts 1..k-1 (draft k was sampled, never fed)
+        n = len(accepted)
+        keep = self.round_unseen[row] + min(n, self.k_round - 1)
+        m = self.seq.mask
+        slots = (m[row, self.round_start: self.seq.filled] == 1).nonzero().flatten() + self.round_start
+        if keep < len(slots):
+            m[row, slots[keep:]] = 0
+            self.seq.pos[row] -= len(slots) - keep
+        self.unseen[row] = ([self.round_drafts[row][-1]] if n == self.k_round else []) + [new]
+
+
+PROPOSERS = {"prompt-lookup": PromptLookup, "draft-model": DraftModel}
+
+
+def register_proposer(name: str, cls, *, replace: bool = False) -> None:
+    """Add a proposer class: ``cls(cfg, draft=...)`` with ``point_mass``, ``start(engine, contexts, params, gens,
+    extra)``, ``propose(ks) -> (drafts, q [B, k, V] or None)`` and ``commit(row, accepted, drafts, new)``."""
+    if name in PROPOSERS and not replace:
+        raise ValueError(f"proposer {name!r} is already registered")
+    for method in ("start", "propose", "commit"):
+        if not callable(getattr(cls, method, None)):
+            raise TypeError(f"a proposer needs a {method}() method")
+    PROPOSERS[name] = cls
+
+
+# -- the loop -------------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def speculative_generate(engine, prompts, cfg: SpeculativeConfig, draft=None) -> list[SpeculativeResult]:
+    from workbench.kernels.spec_verify import verify
+
+    if not isinstance(cfg, SpeculativeConfig):
+        raise TypeError(f"speculative decoding takes a SpeculativeConfig, got {type(cfg).__name__}")
+    if isinstance(prompts, str) or not prompts:
+        raise ValueError("prompts must be a non-empty list of strings or token-id lists")
+    ids = [engine.encode(p) for p in prompts]
+    B, dev = len(ids), engine.device
+    eos = frozenset() if cfg.ignore_eos else (
+        frozenset(cfg.eos_token_ids) if cfg.eos_token_ids is not None else engine.default_eos())
+    gens = []
+    for _ in range(B):
+        g = torch.Generator(device=dev)
+        g.manual_seed(cfg.seed if cfg.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+        gens.append(g)
+    params = [cfg.sampling] * B
+    results = [SpeculativeResult(p) for p in ids]
+    done = [False] * B
+    extra = cfg.max_new_tokens * (cfg.max_draft + 1) + 1
+    target = Ragged(engine, ids, extra)
+    pending = _draw(_probs(target.logits[:, None], params)[:, 0], gens)
+
+    def emit(b: int, tok: int) -> None:
+        r = results[b]
+        if tok in eos:
+            done[b], r.finish_reason = True, "eos"
+            return
+        r.token_ids.append(tok)
+        if len(r.token_ids) >= cfg.max_new_tokens:
+            done[b], r.finish_reason = True, "length"
+
+    for b in range(B):
+        emit(b, pending[b])
+    proposer = PROPOSERS[cfg.proposer](cfg, draft=draft)
+    proposer.start(engine, [p + [t] for p, t in zip(ids, pending, strict=True)], params, gens, extra)
+    K = [cfg.num_draft] * B
+    while not all(done):
+        ks = [0 if done[b] else min(K[b], cfg.max_new_tokens - len(results[b].token_ids) - 1) for b in range(B)]
+        getattr(proposer, "begin_round", lambda: None)()
+        drafts, q = proposer.propose(ks)
+        drafts = [d[:k] for d, k in zip(drafts, ks, strict=True)]
+        kmax = max(len(d) for d in drafts)
+        feed = [[] if done[b] else [pending[b]] + drafts[b] for b in range(B)]
+        p = _probs(target.append(feed), params)  # [B, kmax + 1, V]
+        if kmax == 0:
+            new = _draw(p[:, 0], gens)
+            n_acc = [0] * B
+        else:
+            d_t = torch.zeros((B, kmax), dtype=torch.long, device=dev)
+            u_acc = torch.ones((B, kmax), device=dev)  # 1.0 never accepts: pads are always rejected
+            for b in range(B):
+                if drafts[b]:
+                    d_t[b, : len(drafts[b])] = torch.tensor(drafts[b], device=dev)
+                    u_acc[b, : len(drafts[b])] = torch.rand(len(drafts[b]), generator=gens[b], device=dev)
+            u_smp = torch.stack([torch.rand((), generator=g, device=dev) for g in gens])
+            qq = None
+            if q is not None:
+                qq = torch.nn.functional.one_hot(d_t, p.shape[-1]).float()  # pads: point mass on the pad
+                for b in range(B):
+                    qq[b, : len(drafts[b])] = q[b, : len(drafts[b])]
+            n_t, toks = verify(d_t, qq, p.contiguous(), u_acc, u_smp)
+            n_acc = n_t.tolist()
+            new = [int(toks[b, n_acc[b]]) for b in range(B)]
+        for b in range(B):
+            if done[b]:
+                continue
+            r = results[b]
+            r.steps += 1
+            r.proposed += len(drafts[b])
+            r.accepted += n_acc[b]
+            for tok in drafts[b][: n_acc[b]] + [new[b]]:
+                if not done[b]:
+                    emit(b, tok)
+            target.drop_tail(b, keep=1 + n_acc[b], appended=len(feed[b]))
+            proposer.commit(b, drafts[b][: n_acc[b]], drafts[b], new[b])
+            pending[b] = new[b]
+            if cfg.adaptive and drafts[b]:
+                K[b] = min(cfg.max_draft, K[b] + 2) if n_acc[b] == len(drafts[b]) else max(1, K[b] - 1)
+    for r in results:
+        r.text = engine.tokenizer.decode(r.token_ids, skip_special_tokens=True)
+    return results
