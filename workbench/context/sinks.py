@@ -63,10 +63,7 @@ class StreamingLM:
         causal = slots[None, :] <= slots[n:, None]  # [T, end]
         h = F.embedding(ids[None], p.embed)  # [1, T, d]
         for i, ly in enumerate(p.layers):
-            x = p._rms(h, ly.norm1)
-            qkv = x @ ly.wqkv
-            if ly.bqkv is not None:
-                qkv = qkv + ly.bqkv
+            qkv = p.qkv(ly, h)
             q = qkv[0, :, : H * D].view(T, H, D).transpose(0, 1)
             self.k[i, :, n:end] = qkv[0, :, H * D: (H + KV) * D].view(T, KV, D).transpose(0, 1)
             self.v[i, :, n:end] = qkv[0, :, (H + KV) * D:].view(T, KV, D).transpose(0, 1)
@@ -75,18 +72,9 @@ class StreamingLM:
             q = q * cos[n:] + q.roll(D // 2, -1) * sin[n:]
             o = F.scaled_dot_product_attention(q[None], keys[None], self.v[i, :, :end][None], attn_mask=causal,
                                                scale=D ** -0.5, enable_gqa=H != KV)
-            o = o[0].transpose(0, 1).reshape(1, T, H * D) @ ly.wo
-            h = h + (o if ly.bo is None else o + ly.bo)
-            x = p._rms(h, ly.norm2)
-            gu = x @ ly.wgu
-            if ly.bgu is not None:
-                gu = gu + ly.bgu
-            g, u = gu.chunk(2, dim=-1)
-            d = (F.silu(g) * u) @ ly.wdown
-            h = h + (d if ly.bdown is None else d + ly.bdown)
+            h = p.finish_layer(ly, h, o[0].transpose(0, 1).reshape(1, T, H * D))
         self.length = end
-        logits = p._rms(h[0], p.final_norm) @ p.lm_head
-        return logits if p.lm_bias is None else logits + p.lm_bias
+        return p.head(h[0])
 
     def _evict(self) -> None:
         cap, s = self.cfg.capacity, self.cfg.n_sink

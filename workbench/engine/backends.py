@@ -191,10 +191,7 @@ class PackedLlamaBackend:
         half = D // 2
         h = F.embedding(ids, self.embed)
         for i, ly in enumerate(self.layers):
-            x = self._rms(h, ly.norm1)
-            qkv = x @ ly.wqkv
-            if ly.bqkv is not None:
-                qkv = qkv + ly.bqkv
+            qkv = self.qkv(ly, h)
             qk = qkv[..., : (H + KV) * D].view(B, T, H + KV, D).transpose(1, 2)
             qk = qk * cos + qk.roll(half, -1) * sin  # RoPE on q and k heads at once
             q, k = qk[:, :H], qk[:, H:]
@@ -202,18 +199,29 @@ class PackedLlamaBackend:
             cache.v[i, :, :, start:end] = qkv[..., (H + KV) * D:].view(B, T, KV, D).transpose(1, 2)
             o = F.scaled_dot_product_attention(q, cache.k[i, :, :, :end], cache.v[i, :, :, :end],
                                                attn_mask=attn_mask, scale=D ** -0.5, enable_gqa=H != KV)
-            o = o.transpose(1, 2).reshape(B, T, H * D) @ ly.wo
-            h = h + (o if ly.bo is None else o + ly.bo)
-            x = self._rms(h, ly.norm2)
-            gu = x @ ly.wgu
-            if ly.bgu is not None:
-                gu = gu + ly.bgu
-            g, u = gu.chunk(2, dim=-1)
-            d = (F.silu(g) * u) @ ly.wdown
-            h = h + (d if ly.bdown is None else d + ly.bdown)
+            h = self.finish_layer(ly, h, o.transpose(1, 2).reshape(B, T, H * D))
         cache.length = end
-        last = self._rms(h if all_positions else h[:, -1], self.final_norm)
-        logits = last @ self.lm_head
+        return self.head(h if all_positions else h[:, -1])
+
+    def qkv(self, ly: _Layer, h: torch.Tensor) -> torch.Tensor:
+        """Input norm and the fused q/k/v projection of one layer."""
+        qkv = self._rms(h, ly.norm1) @ ly.wqkv
+        return qkv if ly.bqkv is None else qkv + ly.bqkv
+
+    def finish_layer(self, ly: _Layer, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Output projection + residual, then the SwiGLU MLP + residual. ``attn``: [..., heads * head_dim]."""
+        o = attn @ ly.wo
+        h = h + (o if ly.bo is None else o + ly.bo)
+        gu = self._rms(h, ly.norm2) @ ly.wgu
+        if ly.bgu is not None:
+            gu = gu + ly.bgu
+        g, u = gu.chunk(2, dim=-1)
+        d = (F.silu(g) * u) @ ly.wdown
+        return h + (d if ly.bdown is None else d + ly.bdown)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head."""
+        logits = self._rms(h, self.final_norm) @ self.lm_head
         return logits if self.lm_bias is None else logits + self.lm_bias
 
     def reorder(self, cache: KVCache, index: torch.Tensor) -> None:
