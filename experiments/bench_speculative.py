@@ -58,7 +58,8 @@ def run(args) -> dict:
     eng = Engine(model, tok, threads=ThreadPolicy(args.threads, args.threads))
     plain_cfg = GenerationConfig(max_new_tokens=args.new_tokens)
     spec_cfg = SpeculativeConfig(max_new_tokens=args.new_tokens, proposer="prompt-lookup",
-                                 num_draft=args.num_draft, max_draft=args.max_draft)
+                                 num_draft=args.num_draft, max_draft=args.max_draft, ngram_min=args.ngram_min,
+                                 ngram_max=max(args.ngram_min, 3))
     rows = []
     for kind in ("grounded", "open-ended"):
         t_plain = t_spec = 0.0
@@ -90,7 +91,7 @@ def run(args) -> dict:
                      "outputs_equal": same})
     return {"model": args.model, "device": str(model.device), "threads": args.threads,
             "machine": platform.machine(), "torch": torch.__version__, "new_tokens": args.new_tokens,
-            "num_draft": args.num_draft, "max_draft": args.max_draft, "rows": rows}
+            "num_draft": args.num_draft, "max_draft": args.max_draft, "ngram_min": args.ngram_min, "rows": rows}
 
 
 def main() -> None:
@@ -101,6 +102,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=96)
     ap.add_argument("--num-draft", type=int, default=4)
     ap.add_argument("--max-draft", type=int, default=12)
+    ap.add_argument("--ngram-min", type=int, default=2, help="shortest n-gram prompt lookup may match")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()

@@ -80,7 +80,8 @@ def test_mcts_on_tiny_model_reports_reuse():
 
 def test_rewards():
     assert ExactAnswer(42)("The answer is 42.", []) == 1.0
-    assert ExactAnswer(42)("It is 41, not 42", []) == 0.0
+    assert ExactAnswer(42)("17 + 25 = 42", []) == 1.0
+    assert ExactAnswer(42)("It is 42, no, 41", []) == 0.0
     assert ExactAnswer(1234)("1,234", []) == 1.0
     ut = UnitTests(("assert add(1, 2) == 3", "assert add(0, 0) == 1"), prefix="def add(a, b):\n")
     assert ut("    return a + b\n", []) == 0.5

@@ -29,14 +29,14 @@ Reward = Callable[[str, list[int]], float]
 
 @dataclass(frozen=True)
 class ExactAnswer:
-    """1.0 if the first number in the text equals ``answer``, else 0.0."""
+    """1.0 if the last number in the text equals ``answer`` (so "17 + 25 = 42" counts), else 0.0."""
 
     answer: float
     pattern: str = r"-?\d+(?:\.\d+)?"
 
     def __call__(self, text: str, tokens: list[int]) -> float:
-        m = re.search(self.pattern, text.replace(",", ""))
-        return float(m is not None and math.isclose(float(m.group()), float(self.answer), abs_tol=1e-9))
+        found = re.findall(self.pattern, text.replace(",", ""))
+        return float(bool(found) and math.isclose(float(found[-1]), float(self.answer), abs_tol=1e-9))
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ class SpeculativeConfig:
     num_draft: int = 4  # initial draft length
     max_draft: int = 8
     adaptive: bool = True
-    ngram_min: int = 1  # prompt lookup: shortest n-gram to match
+    ngram_min: int = 2  # prompt lookup: shortest n-gram to match (1-grams draft too much junk in open text)
     ngram_max: int = 3
     eos_token_ids: tuple[int, ...] | None = None
     ignore_eos: bool = False
@@ -113,13 +113,19 @@ class Ragged:
             self.pos[row] -= appended - keep
 
 
+def _no_history(logits: torch.Tensor):
+    """Empty seen/counts tables for :func:`processors.process` (penalties are refused in this mode)."""
+    none = torch.zeros((1, 1), dtype=torch.bool, device=logits.device).expand(
+        logits.numel() // logits.shape[-1], logits.shape[-1])
+    return none, none.int()
+
+
 def _probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
     """Processed target/draft distributions ``[B, T, V]`` (one-hot argmax for greedy rows)."""
     B, T, V = logits.shape
     flat = logits.reshape(B * T, V).float()
     rep = [p for p in params for _ in range(T)]
-    none = torch.zeros((1, 1), dtype=torch.bool, device=logits.device).expand(B * T, V)
-    x = processors.process(flat, rep, none, none.int())
+    x = processors.process(flat, rep, *_no_history(flat))
     probs = torch.softmax(x, -1)
     greedy = torch.tensor([p.greedy for p in rep], device=logits.device)
     if greedy.any():
@@ -296,11 +302,25 @@ def speculative_generate(engine, prompts, cfg: SpeculativeConfig, draft=None) ->
         drafts = [d[:k] for d, k in zip(drafts, ks, strict=True)]
         kmax = max(len(d) for d in drafts)
         feed = [[] if done[b] else [pending[b]] + drafts[b] for b in range(B)]
-        p = _probs(target.append(feed), params)  # [B, kmax + 1, V]
-        if kmax == 0:
+        logits = target.append(feed)  # [B, kmax + 1, V]
+        if all(p.greedy for p in params):
+            # greedy fast path (same result as the verifier with one-hot p): accept the drafts that equal the
+            # argmax, then take the argmax after the last accepted one
+            best = processors.process(logits.reshape(-1, logits.shape[-1]), params * (kmax + 1), *_no_history(
+                logits)).argmax(-1).view(B, kmax + 1).tolist()
+            n_acc = []
+            for b in range(B):
+                n = 0
+                while n < len(drafts[b]) and drafts[b][n] == best[b][n]:
+                    n += 1
+                n_acc.append(n)
+            new = [best[b][n_acc[b]] for b in range(B)]
+        elif kmax == 0:
+            p = _probs(logits, params)
             new = _draw(p[:, 0], gens)
             n_acc = [0] * B
         else:
+            p = _probs(logits, params)
             d_t = torch.zeros((B, kmax), dtype=torch.long, device=dev)
             u_acc = torch.ones((B, kmax), device=dev)  # 1.0 never accepts: pads are always rejected
             for b in range(B):
