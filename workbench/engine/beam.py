@@ -58,7 +58,7 @@ def beam_search(engine, prompts, cfg: BeamConfig) -> list[BeamResult]:
     if isinstance(prompts, str) or not prompts:
         raise ValueError("prompts must be a non-empty list of strings or token-id lists")
     prompt_ids = [engine.encode(p) for p in prompts]
-    eos = sorted(cfg.eos_token_ids if cfg.eos_token_ids is not None else engine.default_eos())
+    eos = sorted(engine.stop_ids(cfg.eos_token_ids))
     B, K, T, lp = len(prompt_ids), cfg.num_beams, cfg.max_new_tokens, cfg.length_penalty
     keep = max(2, 1 + len(eos)) * K
     dev = engine.device

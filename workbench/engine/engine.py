@@ -112,6 +112,18 @@ class Engine:
             return frozenset()
         return frozenset([ids] if isinstance(ids, int) else ids)
 
+    def stop_ids(self, eos_token_ids, ignore_eos: bool = False) -> frozenset[int]:
+        """A request's EOS set: none if ignored, its own ids if given, else the model's / tokenizer's."""
+        if ignore_eos:
+            return frozenset()
+        return frozenset(eos_token_ids) if eos_token_ids is not None else self.default_eos()
+
+    def generator(self, seed: int | None) -> torch.Generator:
+        """A request's own random generator (seeded, or from torch's global RNG when ``seed`` is None)."""
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+        return gen
+
     def guide(self, constraint):
         """A fresh automaton position for ``constraint`` (compiled once per pattern and tokenizer)."""
         from workbench.engine.constrained import Compiler
@@ -131,10 +143,8 @@ class Engine:
         for prompt, cfg in zip(prompts, configs, strict=True):
             if not isinstance(cfg, GenerationConfig):
                 raise TypeError(f"config must be a GenerationConfig, got {type(cfg).__name__}")
-            gen = torch.Generator(device=self.device)
-            gen.manual_seed(cfg.seed if cfg.seed is not None else int(torch.randint(0, 2**62, ()).item()))
-            eos = frozenset() if cfg.ignore_eos else (
-                frozenset(cfg.eos_token_ids) if cfg.eos_token_ids is not None else self.default_eos())
+            gen = self.generator(cfg.seed)
+            eos = self.stop_ids(cfg.eos_token_ids, cfg.ignore_eos)
             guide = None
             if cfg.constraint is not None:
                 guide = self.guide(cfg.constraint)

@@ -120,11 +120,16 @@ def _no_history(logits: torch.Tensor):
     return none, none.int()
 
 
+def _per_position(params: Sequence[SamplingParams], T: int) -> list[SamplingParams]:
+    """Each request's params repeated for its T positions, matching ``logits.reshape(B * T, V)``."""
+    return [p for p in params for _ in range(T)]
+
+
 def _probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
     """Processed target/draft distributions ``[B, T, V]`` (one-hot argmax for greedy rows)."""
     B, T, V = logits.shape
     flat = logits.reshape(B * T, V).float()
-    rep = [p for p in params for _ in range(T)]
+    rep = _per_position(params, T)
     x = processors.process(flat, rep, *_no_history(flat))
     probs = torch.softmax(x, -1)
     greedy = torch.tensor([p.greedy for p in rep], device=logits.device)
@@ -267,13 +272,8 @@ def speculative_generate(engine, prompts, cfg: SpeculativeConfig, draft=None) ->
         raise ValueError("prompts must be a non-empty list of strings or token-id lists")
     ids = [engine.encode(p) for p in prompts]
     B, dev = len(ids), engine.device
-    eos = frozenset() if cfg.ignore_eos else (
-        frozenset(cfg.eos_token_ids) if cfg.eos_token_ids is not None else engine.default_eos())
-    gens = []
-    for _ in range(B):
-        g = torch.Generator(device=dev)
-        g.manual_seed(cfg.seed if cfg.seed is not None else int(torch.randint(0, 2**62, ()).item()))
-        gens.append(g)
+    eos = engine.stop_ids(cfg.eos_token_ids, cfg.ignore_eos)
+    gens = [engine.generator(cfg.seed) for _ in range(B)]
     params = [cfg.sampling] * B
     results = [SpeculativeResult(p) for p in ids]
     done = [False] * B
@@ -306,8 +306,9 @@ def speculative_generate(engine, prompts, cfg: SpeculativeConfig, draft=None) ->
         if all(p.greedy for p in params):
             # greedy fast path (same result as the verifier with one-hot p): accept the drafts that equal the
             # argmax, then take the argmax after the last accepted one
-            best = processors.process(logits.reshape(-1, logits.shape[-1]), params * (kmax + 1), *_no_history(
-                logits)).argmax(-1).view(B, kmax + 1).tolist()
+            flat = logits.reshape(-1, logits.shape[-1])  # row-major: request b's positions are adjacent
+            best = processors.process(flat, _per_position(params, kmax + 1), *_no_history(flat)).argmax(-1)
+            best = best.view(B, kmax + 1).tolist()
             n_acc = []
             for b in range(B):
                 n = 0
