@@ -5,7 +5,8 @@ table and writes JSON. Greedy, EOS ignored so every run produces exactly ``--new
 and the engine's tokens are checked against HF's. ``bound`` is HF's time per step over the time of the weight
 matmuls alone: the largest speed-up any forward with the same fp32 weights could reach on this machine.
 
-    .venv/bin/python experiments/bench_decode.py --json experiments/results/bench_decode.json
+    .venv/bin/python experiments/bench_decode.py --repeats 2 --new-tokens 48 \
+        --json experiments/results/bench_decode.json   # the committed results
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ if its KV cache were shared); MCTS spends the same budget in LM forward tokens (
 further). Reported: mean reward (pass rate) per method and task family, tokens spent, and for MCTS the forward
 tokens it saved through prefix reuse. Prints a table and writes JSON.
 
-    .venv/bin/python experiments/bench_mcts.py --json experiments/results/bench_mcts.json
+    .venv/bin/python experiments/bench_mcts.py --budget-new-tokens 300 --max-new-tokens 32 --threads 1 \
+        --json experiments/results/bench_mcts.json   # the committed results
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ input, so n-gram drafts are accepted) and open-ended (nothing to copy: drafts ar
 interleaved (plain, speculative, plain, ...); outputs are checked token-for-token equal (both greedy).
 Prints a table and writes JSON. Targets: >= 2x on grounded prompts, no more than 5% slower on open-ended.
 
-    .venv/bin/python experiments/bench_speculative.py --json experiments/results/bench_speculative.json
+    .venv/bin/python experiments/bench_speculative.py --new-tokens 64 --repeats 2 \
+        --json experiments/results/bench_speculative.json   # the committed results
 """
 
 from __future__ import annotations

@@ -5,6 +5,10 @@ Resumable: every finished cell is appended to the JSON at once and skipped on th
 rebuilds the table and plots. Cells run cheapest first, methods interleaved, so a partial run stays balanced.
 
     .venv/bin/python experiments/context_extension.py --out experiments/results/context_extension.json
+
+The committed results come from that command (stopped during 4x), then
+``--x 4 --methods none yarn linear dynamic-ntk --threads 1`` (stopped after linear) and
+``--x 2 --methods yarn --trials 4 --sink-tokens 0 --ppl-max-x 0`` (8 more YaRN trials).
 """
 
 from __future__ import annotations
