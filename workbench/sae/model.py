@@ -1,0 +1,231 @@
+"""Sparse autoencoders: ReLU + L1, top-k, batch-top-k and JumpReLU, with their training losses.
+
+All share ``f = act(W_enc^T (x - b_dec) + b_enc)``, ``x_hat = W_dec^T f + b_dec`` (SAELens' layout:
+``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``), so one file format covers them.
+
+- relu: L1 penalty on ``f * ||W_dec row||`` (Anthropic, "Towards Monosemanticity", 2023; April 2024 update).
+- topk: keep the k largest pre-activations (Gao et al. 2024, "Scaling and evaluating sparse autoencoders"),
+  with the AuxK loss that teaches dead latents to model the residual error.
+- batchtopk: keep the ``k * batch`` largest over the whole batch (Bussmann et al. 2024); inference uses a
+  learned global threshold, i.e. it becomes a JumpReLU SAE (as SAELens saves it).
+- jumprelu: ``f = pre * H(pre - theta)`` with a per-latent threshold trained by straight-through estimators
+  and an L0 penalty (Rajamanoharan et al. 2024, "Jumping Ahead").
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
+
+
+@dataclass
+class SAEConfig:
+    d_in: int
+    d_sae: int
+    architecture: str = "topk"
+    k: int = 32  # topk / batchtopk: active latents per token (on average for batchtopk)
+    l1_coefficient: float = 5.0  # relu
+    l0_coefficient: float = 1.0  # jumprelu
+    jumprelu_bandwidth: float = 0.05  # width of the rectangle kernel of the threshold's STE
+    jumprelu_init_threshold: float = 0.05
+    aux_k: int | None = None  # AuxK latents; None = d_in // 2 (Gao et al.); 0 disables
+    aux_coefficient: float = 1 / 32
+    threshold_momentum: float = 0.99  # batchtopk: EMA of the smallest kept activation
+    apply_b_dec_to_input: bool = True
+    hook_name: str = ""
+    model_name: str = ""
+
+    def __post_init__(self):
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"unknown SAE architecture {self.architecture!r}; choose one of {ARCHITECTURES}")
+        if self.d_in < 1 or self.d_sae < 1:
+            raise ValueError(f"d_in and d_sae must be positive, got {self.d_in}, {self.d_sae}")
+        if self.architecture in ("topk", "batchtopk") and not 1 <= self.k <= self.d_sae:
+            raise ValueError(f"k must be in [1, d_sae={self.d_sae}], got {self.k}")
+        if self.aux_k is None:
+            self.aux_k = min(self.d_in // 2, self.d_sae)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class SAEOutput:
+    recon: torch.Tensor
+    acts: torch.Tensor
+    loss: torch.Tensor
+    mse: torch.Tensor  # mean over tokens of the summed squared error
+    sparsity: torch.Tensor  # the architecture's penalty term (L1, L0) or 0
+    aux: torch.Tensor  # AuxK term or 0
+
+
+class _JumpReLU(torch.autograd.Function):
+    """pre * H(pre - theta); d/dtheta by the rectangle-kernel pseudo-derivative (Rajamanoharan et al. 2024)."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        near = ((pre - threshold).abs() < eps / 2).to(grad.dtype)
+        g_pre = grad * (pre > threshold)
+        g_thr = (-(threshold / eps) * near * grad).sum_to_size(threshold.shape)
+        return g_pre, g_thr, None
+
+
+class _Step(torch.autograd.Function):
+    """H(pre - theta) for the L0 penalty; gradient only to theta (pseudo-derivative -K(.)/eps)."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        near = ((pre - threshold).abs() < eps / 2).to(grad.dtype)
+        return None, (-(1.0 / eps) * near * grad).sum_to_size(threshold.shape), None
+
+
+class SparseAutoencoder(nn.Module):
+    def __init__(self, cfg: SAEConfig, *, seed: int | None = 0):
+        super().__init__()
+        self.cfg = cfg
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        w_dec = torch.randn(cfg.d_sae, cfg.d_in, generator=gen)
+        w_dec /= w_dec.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(w_dec)
+        self.W_enc = nn.Parameter(w_dec.t().clone())  # tied init (Gao et al. 2024)
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+        if cfg.architecture == "jumprelu":
+            self.log_threshold = nn.Parameter(torch.full((cfg.d_sae,), math.log(cfg.jumprelu_init_threshold)))
+        if cfg.architecture == "batchtopk":
+            self.register_buffer("threshold", torch.zeros(cfg.d_sae))
+            self.register_buffer("threshold_initialised", torch.tensor(False))
+
+    # -- inference ------------------------------------------------------------------------------------------
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.cfg.d_in:
+            raise ValueError(f"SAE expects inputs with last dim {self.cfg.d_in}, got {tuple(x.shape)}")
+        x = x.to(self.W_enc.dtype)
+        if self.cfg.apply_b_dec_to_input:
+            x = x - self.b_dec
+        return x @ self.W_enc + self.b_enc
+
+    def thresholds(self) -> torch.Tensor | None:
+        """Per-latent inference threshold (JumpReLU form), None for relu / topk."""
+        if self.cfg.architecture == "jumprelu":
+            return self.log_threshold.exp()
+        if self.cfg.architecture == "batchtopk":
+            return self.threshold
+        return None
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        pre = self.pre_acts(x)
+        arch = self.cfg.architecture
+        if arch == "relu":
+            return pre.relu()
+        if arch == "topk":
+            vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
+            return torch.zeros_like(pre).scatter(-1, idx, vals.relu())
+        return pre.relu() * (pre > self.thresholds())  # jumprelu and batchtopk at inference
+
+    def decode(self, acts: torch.Tensor) -> torch.Tensor:
+        return acts @ self.W_dec + self.b_dec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+    # -- training -------------------------------------------------------------------------------------------
+    def training_forward(self, x: torch.Tensor, dead: torch.Tensor | None = None, *,
+                         sparsity_scale: float = 1.0) -> SAEOutput:
+        """Reconstruction + the architecture's losses for a ``[batch, d_in]`` batch.
+
+        ``dead``: bool mask of latents considered dead (for AuxK); ``sparsity_scale`` multiplies the
+        L1/L0 coefficient (warm-up).
+        """
+        cfg = self.cfg
+        pre = self.pre_acts(x)
+        zero = pre.new_zeros(())
+        sparsity = zero
+        if cfg.architecture == "relu":
+            acts = pre.relu()
+            sparsity = cfg.l1_coefficient * sparsity_scale * (acts * self.W_dec.norm(dim=1)).sum(-1).mean()
+        elif cfg.architecture == "topk":
+            vals, idx = pre.topk(cfg.k, dim=-1, sorted=False)
+            acts = torch.zeros_like(pre).scatter(-1, idx, vals.relu())
+        elif cfg.architecture == "batchtopk":
+            flat = pre.relu().flatten()
+            n_keep = min(cfg.k * pre.shape[0], flat.numel())
+            vals, idx = flat.topk(n_keep, sorted=False)
+            acts = torch.zeros_like(flat).scatter(-1, idx, vals).view_as(pre)
+            self._update_threshold(vals)
+        else:  # jumprelu
+            thr = self.log_threshold.exp()
+            acts = _JumpReLU.apply(pre, thr, cfg.jumprelu_bandwidth)
+            l0 = _Step.apply(pre, thr, cfg.jumprelu_bandwidth).sum(-1).mean()
+            sparsity = cfg.l0_coefficient * sparsity_scale * l0
+        recon = self.decode(acts)
+        err = x.to(recon.dtype) - recon
+        mse = err.pow(2).sum(-1).mean()
+        aux = zero
+        if cfg.architecture in ("topk", "batchtopk") and cfg.aux_k and dead is not None and bool(dead.any()):
+            aux = cfg.aux_coefficient * self._aux_loss(pre, dead, err.detach())
+        return SAEOutput(recon, acts, mse + sparsity + aux, mse, sparsity, aux)
+
+    def _aux_loss(self, pre: torch.Tensor, dead: torch.Tensor, err: torch.Tensor) -> torch.Tensor:
+        # AuxK (Gao et al. 2024, sec. 2.4 / A.2): reconstruct the residual error with the top aux_k dead
+        # latents; normalised by the error's own energy so the term is scale-free.
+        k = min(self.cfg.aux_k, int(dead.sum()))
+        masked = pre.masked_fill(~dead, float("-inf"))
+        vals, idx = masked.topk(k, dim=-1, sorted=False)
+        aux_acts = torch.zeros_like(pre).scatter(-1, idx, vals.relu())
+        aux_recon = aux_acts @ self.W_dec
+        return (aux_recon - err).pow(2).sum(-1).mean() / err.pow(2).sum(-1).mean().clamp(min=1e-12)
+
+    @torch.no_grad()
+    def _update_threshold(self, kept: torch.Tensor) -> None:
+        pos = kept[kept > 0]
+        if not pos.numel():
+            return
+        low = pos.min()
+        if not bool(self.threshold_initialised):
+            self.threshold.fill_(low)
+            self.threshold_initialised.fill_(True)
+        else:
+            m = self.cfg.threshold_momentum
+            self.threshold.mul_(m).add_((1 - m) * low)
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Unit-norm decoder rows (used by topk / batchtopk / jumprelu training)."""
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp(min=1e-8))
+
+    @torch.no_grad()
+    def remove_parallel_grad(self) -> None:
+        """Drop the decoder gradient component along each row so unit-norm rows stay unit-norm (Bricken et al.)."""
+        if self.W_dec.grad is None:
+            return
+        w = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp(min=1e-8)
+        self.W_dec.grad -= (self.W_dec.grad * w).sum(1, keepdim=True) * w
+
+    @torch.no_grad()
+    def fold_scale(self, scale: float) -> None:
+        """Make an SAE trained on ``scale * x`` work on raw ``x`` (same latents, reconstruction of ``x``)."""
+        self.W_enc.mul_(scale)
+        self.W_dec.div_(scale)
+        self.b_dec.div_(scale)

@@ -1,0 +1,175 @@
+"""SAE trainer: Adam, warm-up + linear decay, sparsity warm-up, dead-latent tracking (AuxK), checkpoints,
+optional wandb logging (set ``WANDB_MODE=offline`` for offline runs) and accelerate for multi-GPU."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from workbench.sae.model import SparseAutoencoder
+
+
+@dataclass
+class TrainConfig:
+    total_tokens: int = 2_000_000
+    lr: float = 4e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 50
+    decay_fraction: float = 0.2  # linear decay to 0 over the last fraction of training
+    sparsity_warmup_steps: int = 0  # linear warm-up of the L1 / L0 coefficient
+    dead_after_tokens: int = 500_000  # a latent not fired for this many tokens counts as dead (AuxK, metrics)
+    input_scale: float = 1.0  # activations are multiplied by this (see ActivationStore.norm_scale); folded at the end
+    init_b_dec: str = "mean"  # "mean" of the first batch, or "zeros"
+    grad_clip: float | None = 1.0
+    log_every: int = 50
+    checkpoint_every_tokens: int | None = None
+    checkpoint_dir: str | None = None
+    wandb_project: str | None = None
+    accelerate: bool = False  # wrap with accelerate.Accelerator (launch with `accelerate launch` for multi-GPU)
+    progress: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.total_tokens < 1 or self.lr <= 0:
+            raise ValueError("total_tokens and lr must be positive")
+        if self.init_b_dec not in ("mean", "zeros"):
+            raise ValueError(f"init_b_dec must be 'mean' or 'zeros', got {self.init_b_dec!r}")
+        if self.checkpoint_every_tokens and not self.checkpoint_dir:
+            raise ValueError("checkpoint_every_tokens needs checkpoint_dir")
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    seconds: float
+    dead_fraction: float  # latents not fired in the last dead_after_tokens tokens
+    history: list[dict] = field(default_factory=list)
+
+
+def _lr_factor(step: int, total_steps: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    decay_start = int(total_steps * (1 - cfg.decay_fraction))
+    if cfg.decay_fraction > 0 and step >= decay_start:
+        return max(0.0, (total_steps - step) / max(1, total_steps - decay_start))
+    return 1.0
+
+
+def train_sae(sae: SparseAutoencoder, batches: Iterable[torch.Tensor], cfg: TrainConfig) -> TrainResult:
+    """Train ``sae`` in place on ``batches`` (e.g. an :class:`ActivationStore`) for ``cfg.total_tokens``.
+
+    At the end ``cfg.input_scale`` is folded into the weights, so the SAE works on raw activations.
+    """
+    torch.manual_seed(cfg.seed)
+    arch = sae.cfg.architecture
+    unit_decoder = arch in ("topk", "batchtopk", "jumprelu")
+    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.betas)
+    core = sae
+    step_fn: torch.nn.Module = _TrainStep(sae)
+    accelerator = None
+    if cfg.accelerate:
+        from accelerate import Accelerator
+
+        accelerator = Accelerator()
+        step_fn, opt = accelerator.prepare(step_fn, opt)
+    device = core.W_enc.device
+    run = None
+    if cfg.wandb_project:
+        import wandb
+
+        run = wandb.init(project=cfg.wandb_project, config={"sae": core.cfg.to_dict(), "train": asdict(cfg)})
+    it = iter(batches)
+    first = next(it).to(device) * cfg.input_scale
+    if cfg.init_b_dec == "mean":
+        with torch.no_grad():
+            core.b_dec.copy_(first.mean(0))
+    batch_size = first.shape[0]
+    total_steps = max(1, cfg.total_tokens // batch_size)
+    since_fired = torch.zeros(core.cfg.d_sae, dtype=torch.long, device=device)
+    history: list[dict] = []
+    bar = None
+    if cfg.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps * batch_size, unit="tok", unit_scale=True, desc=f"SAE {arch}")
+    t0 = time.time()
+    next_ckpt = cfg.checkpoint_every_tokens
+    x = first
+    try:
+        for step in range(total_steps):
+            if step:
+                x = next(it).to(device) * cfg.input_scale
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * _lr_factor(step, total_steps, cfg)
+            scale = min(1.0, (step + 1) / cfg.sparsity_warmup_steps) if cfg.sparsity_warmup_steps else 1.0
+            dead = since_fired >= cfg.dead_after_tokens
+            out = step_fn(x, dead, scale)
+            opt.zero_grad(set_to_none=True)
+            if accelerator:
+                accelerator.backward(out.loss)
+            else:
+                out.loss.backward()
+            if unit_decoder:
+                core.remove_parallel_grad()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(core.parameters(), cfg.grad_clip)
+            opt.step()
+            if unit_decoder:
+                core.normalize_decoder()
+            with torch.no_grad():
+                fired = (out.acts > 0).any(0)
+                since_fired += batch_size
+                since_fired[fired] = 0
+            tokens = (step + 1) * batch_size
+            if step % cfg.log_every == 0 or step == total_steps - 1:
+                with torch.no_grad():
+                    var = (x - x.mean(0)).pow(2).sum(-1).mean()
+                    row = {"step": step, "tokens": tokens, "loss": float(out.loss), "mse": float(out.mse),
+                           "fvu": float(out.mse / var), "l0": float((out.acts > 0).sum(-1).float().mean()),
+                           "sparsity": float(out.sparsity), "aux": float(out.aux),
+                           "dead_fraction": float((since_fired >= cfg.dead_after_tokens).float().mean()),
+                           "lr": opt.param_groups[0]["lr"], "seconds": time.time() - t0}
+                history.append(row)
+                if run is not None:
+                    run.log(row, step=step)
+                if bar is not None:
+                    bar.set_postfix(fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}", dead=f"{row['dead_fraction']:.3f}")
+            if bar is not None:
+                bar.update(batch_size)
+            if next_ckpt and tokens >= next_ckpt:
+                _checkpoint(core, Path(cfg.checkpoint_dir) / f"tokens_{tokens}", cfg.input_scale)
+                next_ckpt += cfg.checkpoint_every_tokens
+    finally:
+        if bar is not None:
+            bar.close()
+        if run is not None:
+            run.finish()
+    core.fold_scale(cfg.input_scale)
+    dead_fraction = float((since_fired >= cfg.dead_after_tokens).float().mean())
+    return TrainResult(total_steps, total_steps * batch_size, time.time() - t0, dead_fraction, history)
+
+
+class _TrainStep(torch.nn.Module):
+    """The training forward as a module's forward, so a DDP wrapper (accelerate) synchronises gradients."""
+
+    def __init__(self, sae: SparseAutoencoder):
+        super().__init__()
+        self.sae = sae
+
+    def forward(self, x, dead, scale):
+        return self.sae.training_forward(x, dead, sparsity_scale=scale)
+
+
+def _checkpoint(sae: SparseAutoencoder, folder: Path, scale: float) -> None:
+    import copy
+
+    from workbench.sae.io import save_sae
+
+    snap = copy.deepcopy(sae)
+    snap.fold_scale(scale)
+    save_sae(snap, folder)
