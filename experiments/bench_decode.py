@@ -23,6 +23,7 @@ import torch
 import workbench
 from workbench.chat import prompt_ids
 from workbench.engine import Engine, GenerationConfig
+from workbench.engine.backends import PackedLlamaBackend
 from workbench.threads import ThreadPolicy, num_threads
 
 QUESTIONS = [
@@ -65,10 +66,13 @@ def run(args) -> dict:
         policy = ThreadPolicy(prefill=threads, decode=threads)
         engines = {"engine": Engine(model, tok, threads=policy, backend=args.backend),
                    "engine_hf_backend": Engine(model, tok, threads=policy, backend="hf")}
+        if getattr(engines["engine"].backend, "native", None) is not None:  # the same backend, Python layer loop
+            engines["engine_python_layers"] = Engine(model, tok, threads=policy,
+                                                     backend=PackedLlamaBackend(model, native=False))
         for batch in args.batch:
             ids = [prompt_ids(tok, [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]) for i in range(batch)]
             enc = tok.pad({"input_ids": ids}, return_tensors="pt").to(model.device)
-            times = {"engine": [], "engine_hf_backend": [], "hf": []}
+            times = {name: [] for name in [*engines, "hf"]}
             for rep in range(args.repeats + 1):  # first round is warm-up
                 for name, eng in engines.items():
                     t0 = time.perf_counter()
@@ -88,7 +92,10 @@ def run(args) -> dict:
             row = {"threads": threads, "batch": batch, "new_tokens": args.new_tokens,
                    "backend": engines["engine"].backend.name, "engine_tok_s": toks / med["engine"],
                    "engine_hf_backend_tok_s": toks / med["engine_hf_backend"], "hf_tok_s": toks / med["hf"],
-                   "ratio": med["hf"] / med["engine"], "greedy_tokens_equal_hf": same, "repeats": args.repeats}
+                   "ratio": med["hf"] / med["engine"], "greedy_tokens_equal_hf": same, "repeats": args.repeats,
+                   "native_layers": getattr(engines["engine"].backend, "native", None) is not None}
+            if "engine_python_layers" in med:
+                row["engine_python_layers_tok_s"] = toks / med["engine_python_layers"]
             backend = engines["engine"].backend
             if hasattr(backend, "layers") and model.device.type == "cpu":
                 with num_threads(threads):
@@ -114,10 +121,11 @@ def main() -> None:
     args = ap.parse_args()
     out = run(args)
     print(f"{'threads':>7} {'batch':>5} {'backend':>13} {'engine tok/s':>13} {'hf-backend tok/s':>17} "
-          f"{'HF tok/s':>9} {'ratio':>6} {'bound':>6} {'same':>5}")
+          f"{'py-layers tok/s':>16} {'HF tok/s':>9} {'ratio':>6} {'bound':>6} {'same':>5}")
     for r in out["rows"]:
         print(f"{r['threads']:>7} {r['batch']:>5} {r['backend']:>13} {r['engine_tok_s']:>13.1f} "
-              f"{r['engine_hf_backend_tok_s']:>17.1f} {r['hf_tok_s']:>9.1f} {r['ratio']:>6.2f} "
+              f"{r['engine_hf_backend_tok_s']:>17.1f} {r.get('engine_python_layers_tok_s', float('nan')):>16.1f} "
+              f"{r['hf_tok_s']:>9.1f} {r['ratio']:>6.2f} "
               f"{r.get('ratio_bound', float('nan')):>6.2f} {str(r['greedy_tokens_equal_hf']):>5}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

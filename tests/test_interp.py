@@ -276,3 +276,25 @@ def test_attribution_patching_is_the_first_order_term(kind):
     fd = float((nudged(eps) - nudged(-eps)) / (2 * eps))
     assert attr.raw[layer, pos] == pytest.approx(fd, rel=1e-3, abs=1e-7)
     assert not torch.is_grad_enabled() or all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.realmodel
+def test_smollm2_hooks_match_transformer_lens_and_hf(smollm2):
+    model, tok = smollm2
+    ids = tok("The Eiffel Tower is in the city of", return_tensors="pt").input_ids
+    names = [f"blocks.{i}.{k}" for i in (0, 15, 29) for k in
+             ("hook_resid_pre", "hook_resid_mid", "hook_attn_out", "mlp.hook_post", "attn.hook_z", "hook_resid_post")]
+    with torch.no_grad():
+        ref = model(ids).logits
+    out, ours = run_with_cache(model, ids, names=names + ["blocks.15.attn.hook_pattern"])
+    assert torch.allclose(out.logits, ref, atol=1e-4)
+    bridge = to_transformer_lens(model, tok)
+    with torch.no_grad():
+        _, theirs = bridge.run_with_cache(ids)
+    for n in ours:
+        assert torch.allclose(ours[n], theirs[n], atol=1e-4), n
+    del bridge
+    lens = logit_lens(model, ids)
+    paris = tok(" Paris", add_special_tokens=False).input_ids[0]
+    assert int(lens.rank_of(paris)[-1, 0, 0]) == 0  # the model's answer, read at the last layer
+    assert count_hooks(model) == 0 and model.config._attn_implementation == "sdpa"

@@ -15,3 +15,13 @@ def test_quickstart_notebook_runs():
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "Paris" in text
     assert "perplexity" in text
+
+
+def test_interpretability_notebook_runs():
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(REPO / "notebooks" / "interpretability.ipynb", as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "pearson r" in text and "ce_loss_score" in text
+    assert any("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))

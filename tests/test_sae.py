@@ -92,6 +92,45 @@ def test_jumprelu_straight_through_gradients():
     assert torch.allclose(thr.grad, torch.tensor([0.0, -10.0, -10.0, 0.0]))
 
 
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_sparse_training_path_matches_dense_autograd(arch):
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(SAEConfig(16, 64, arch, k=3, aux_k=5), seed=1)
+    with torch.no_grad():
+        sae.b_dec.normal_(0, 0.3)
+        sae.b_enc.normal_(0, 0.3)
+    x = torch.randn(24, 16)
+    dead = torch.rand(64) < 0.5
+    out = sae.training_forward(x, dead)
+    out.loss.backward()
+    sparse_grads = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    sae.zero_grad()
+    # dense reference: same selection, plain autograd through full matrices
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    if arch == "topk":
+        idx = pre.detach().topk(3, dim=-1).indices
+        mask = torch.zeros_like(pre, dtype=torch.bool).scatter(-1, idx, True)
+    else:
+        flat = pre.detach().relu().flatten()
+        mask = torch.zeros_like(flat, dtype=torch.bool)
+        mask[flat.topk(3 * 24).indices] = True
+        mask = mask.view_as(pre)
+    acts = pre.relu() * mask
+    recon = acts @ sae.W_dec + sae.b_dec
+    err = x - recon
+    aux_idx = pre.detach().masked_fill(~dead, float("-inf")).topk(5, dim=-1).indices
+    aux_acts = (pre.relu() * torch.zeros_like(pre, dtype=torch.bool).scatter(-1, aux_idx, True))
+    e = err.detach()
+    aux = ((aux_acts @ sae.W_dec - e).pow(2).sum(-1).mean() / e.pow(2).sum(-1).mean()) / 32
+    loss = err.pow(2).sum(-1).mean() + aux
+    assert float(loss) == pytest.approx(float(out.loss), rel=1e-5)
+    loss.backward()
+    for n, p in sae.named_parameters():
+        assert torch.allclose(sparse_grads[n], p.grad, atol=1e-5), n
+    assert float(out.l0) == pytest.approx(float((acts > 0).sum(-1).float().mean()))
+    assert torch.equal(out.fired, (acts > 0).any(0))
+
+
 def test_auxk_reaches_dead_latents():
     sae = SparseAutoencoder(SAEConfig(16, 64, "topk", k=2, aux_k=8))
     x = torch.randn(32, 16)
@@ -312,3 +351,21 @@ def test_dashboard(tiny, tmp_path):
     assert "tiny &lt;test&gt;" in html and "<script" not in html
     with pytest.raises(IndexError):
         feature_reports(sae, model, tok, windows, HOOK, features=[96])
+
+
+def test_proportional_mix_spreads_every_source():
+    from workbench.data.corpus import iter_documents
+    from workbench.sae.store import _documents
+
+    devil_docs = list(iter_documents("devil"))
+    devil = set(devil_docs)
+    stream = list(_documents(("devil", "jargon"), "proportional", seed=0))
+    n_devil = sum(d in devil for d in stream)
+    assert n_devil == len(devil_docs) and len(stream) == n_devil + sum(1 for _ in iter_documents("jargon"))
+    share = n_devil / len(stream)
+    first_half = stream[: len(stream) // 2]
+    assert abs(sum(d in devil for d in first_half) / len(first_half) - share) < 0.05
+    rr = list(_documents(("devil", "jargon"), "round-robin"))
+    assert sum(d in devil for d in rr[: 2 * len(devil_docs)]) == len(devil_docs)  # round-robin: devil all used up early
+    with pytest.raises(ValueError, match="unknown mix"):
+        StoreConfig(HOOK, mix="random")

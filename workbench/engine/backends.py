@@ -82,11 +82,14 @@ class PackedLlamaBackend:
     MODEL_TYPES = ("llama",)
     STATIC_ROPE = ("default", "linear", "llama3", "yarn", "longrope")
 
-    def __init__(self, model):
+    def __init__(self, model, native: bool | None = None):
+        """``native``: run the layer loop in the compiled C++ helper (same ATen ops, bitwise-equal results,
+        less per-op overhead). None = when available (fp32, bias-free layers, helper builds), False = Python."""
         why = self.unsupported(model)
         if why:
             raise ValueError(f"backend 'packed-llama' cannot run this model: {why}")
         self.model = model
+        self.native_request = native
         self._fingerprint = None
         self._pack()
 
@@ -141,7 +144,23 @@ class PackedLlamaBackend:
         self.inv_freq = rope.inv_freq.float().clone()
         self.attention_scaling = float(rope.attention_scaling)
         self.dtype = self.embed.dtype
+        self._native_args = tuple([getattr(ly, f) for ly in self.layers]
+                                  for f in ("norm1", "wqkv", "wo", "norm2", "wgu", "wdown"))
+        self.native = self._native_module()
         self._fingerprint = self._current_fingerprint()
+
+    def _native_module(self):
+        if self.native_request is False:
+            return None
+        biased = any(b is not None for ly in self.layers for b in (ly.bqkv, ly.bo, ly.bgu, ly.bdown))
+        why = ("layers have biases" if biased else "weights are not float32" if self.dtype != torch.float32
+               else None)
+        from workbench.engine import native
+
+        module = None if why else native.load("packed_llama")
+        if module is None and self.native_request:
+            raise ValueError(f"native packed-llama layers unavailable: {why or native.failure('packed_llama') or 'disabled'}")
+        return module
 
     def refresh(self) -> None:
         """Repack if any weight or the RoPE frequencies changed since the last pack."""
@@ -190,6 +209,11 @@ class PackedLlamaBackend:
         cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, D]
         half = D // 2
         h = F.embedding(ids, self.embed)
+        if self.native is not None:
+            h = self.native.layers_forward(h, *self._native_args, cache.k, cache.v, cos, sin, attn_mask,
+                                           start, H, KV, D, self.eps)
+            cache.length = end
+            return self.head(h if all_positions else h[:, -1])
         for i, ly in enumerate(self.layers):
             qkv = self.qkv(ly, h)
             qk = qkv[..., : (H + KV) * D].view(B, T, H + KV, D).transpose(1, 2)
@@ -232,8 +256,12 @@ class PackedLlamaBackend:
 BACKENDS = {"hf": HFBackend, "packed-llama": PackedLlamaBackend}
 
 
-def make_backend(model, name: str = "auto"):
-    """Build backend ``name`` (exact name, or ``auto``) for ``model``."""
+def make_backend(model, name="auto"):
+    """Build backend ``name`` (exact name, or ``auto``) for ``model``; a backend instance is used as is."""
+    if not isinstance(name, str):
+        if getattr(name, "model", None) is not model:
+            raise ValueError("the backend instance was built for another model")
+        return name
     if name == "auto":
         return PackedLlamaBackend(model) if PackedLlamaBackend.unsupported(model) is None else HFBackend(model)
     if name not in BACKENDS:

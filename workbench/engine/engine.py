@@ -59,7 +59,7 @@ class Engine:
     """Token-level generation over a loaded model; see :meth:`generate` and :meth:`stream`.
 
     ``backend``: ``"auto"`` (lean packed forward for Llama-family models, else the model's own forward),
-    ``"hf"`` or ``"packed-llama"``; ``threads``: CPU thread counts for prefill and decode (None: leave torch's);
+    ``"hf"``, ``"packed-llama"``, or a backend instance built for this model; ``threads``: CPU thread counts for prefill and decode (None: leave torch's);
     ``sampler``: ``"auto"`` (the fused Triton sampling kernel on CUDA when the rows' filters allow it, else
     torch), ``"torch"`` or ``"triton"`` (on CPU this needs ``TRITON_INTERPRET=1``). The kernel draws from the
     same distribution with its own random stream (seeded per request, so still reproducible).
@@ -79,7 +79,7 @@ class Engine:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = 0 if pad is None else pad
         self.backend = make_backend(model, backend)
-        self._auto_backend = backend == "auto"
+        self._auto_backend = isinstance(backend, str) and backend == "auto"
         if sampler not in self.SAMPLERS:
             raise ValueError(f"sampler must be one of {self.SAMPLERS}, got {sampler!r}")
         self.sampler = sampler

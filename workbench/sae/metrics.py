@@ -9,7 +9,9 @@
 - ``dead_fraction``: latents that never fire on the evaluation tokens.
 
 Positions before ``exclude_first`` (attention-sink outliers the SAE was not trained on) keep their clean
-activation in the spliced runs and are left out of every metric.
+activation in the spliced runs and are left out of every metric. Likewise tokens with "massive activations"
+(norm above ``outlier_ratio`` x the batch median; see ``StoreConfig.outlier_ratio``) keep their clean activation
+and are left out of the reconstruction metrics (their count is reported); the CE/KL metrics cover all positions.
 """
 
 from __future__ import annotations
@@ -20,18 +22,19 @@ from torch import nn
 
 from workbench.interp.hooks import Hooks
 from workbench.sae.model import SparseAutoencoder
+from workbench.sae.store import inlier_mask
 
 
 @torch.no_grad()
 def evaluate_sae(sae: SparseAutoencoder, model: nn.Module, windows: torch.Tensor, hook_name: str, *,
-                 exclude_first: int = 1, batch_size: int = 8) -> dict[str, float]:
+                 exclude_first: int = 1, batch_size: int = 8, outlier_ratio: float | None = 10.0) -> dict[str, float]:
     """Evaluate on ``[n, seq]`` token windows (held out from training)."""
     if windows.ndim != 2 or windows.shape[1] <= exclude_first + 1:
         raise ValueError(f"windows must be [n, seq] with seq > exclude_first + 1, got {tuple(windows.shape)}")
     device = next(model.parameters()).device
     d_sae = sae.cfg.d_sae
     fired = torch.zeros(d_sae, dtype=torch.bool, device=sae.W_enc.device)
-    n_tok, l0_sum, sq_err, sum_x, sum_sq = 0, 0.0, 0.0, None, 0.0
+    n_tok, n_out, l0_sum, sq_err, sum_x, sum_sq = 0, 0, 0.0, 0.0, None, 0.0
     ce = {"clean": [], "sae": [], "zero": []}
     kl = {"sae": [], "zero": []}
     captured: dict[str, torch.Tensor] = {}
@@ -39,16 +42,17 @@ def evaluate_sae(sae: SparseAutoencoder, model: nn.Module, windows: torch.Tensor
     def splice(mode):
         def fn(act, _hook):
             x = act[:, exclude_first:]
-            captured["x"] = x.float()
+            keep = inlier_mask(x.float(), outlier_ratio).unsqueeze(-1)
+            captured["x"], captured["keep"] = x.float(), keep
             if mode == "clean":
                 return None
             new = act.clone()
             if mode == "sae":
                 f = sae.encode(x.to(sae.W_enc.device))
                 captured["f"] = f
-                new[:, exclude_first:] = sae.decode(f).to(act.dtype).to(act.device)
+                new[:, exclude_first:] = torch.where(keep, sae.decode(f).to(act.dtype).to(act.device), x)
             else:
-                new[:, exclude_first:] = 0
+                new[:, exclude_first:] = torch.where(keep, torch.zeros_like(x), x)
             return new
         return fn
 
@@ -64,7 +68,10 @@ def evaluate_sae(sae: SparseAutoencoder, model: nn.Module, windows: torch.Tensor
             if mode == "clean":
                 x = captured["x"].flatten(0, 1)
             if mode == "sae":
-                f = captured["f"].flatten(0, 1)
+                keep = captured["keep"].flatten()
+                n_out += int((~keep).sum())
+                x = x[keep]
+                f = captured["f"].flatten(0, 1)[keep]
                 recon = sae.decode(f).float()
                 fired |= (f > 0).any(0)
                 l0_sum += float((f > 0).sum())
@@ -82,6 +89,7 @@ def evaluate_sae(sae: SparseAutoencoder, model: nn.Module, windows: torch.Tensor
     ev = 1.0 - (sq_err / n_tok) / total_var
     return {
         "tokens": n_tok,
+        "outliers_excluded": n_out,
         "l0": l0_sum / n_tok,
         "mse": sq_err / (n_tok * sae.cfg.d_in),
         "explained_variance": ev,

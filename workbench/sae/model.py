@@ -18,6 +18,7 @@ import math
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
@@ -57,11 +58,40 @@ class SAEConfig:
 @dataclass
 class SAEOutput:
     recon: torch.Tensor
-    acts: torch.Tensor
     loss: torch.Tensor
     mse: torch.Tensor  # mean over tokens of the summed squared error
     sparsity: torch.Tensor  # the architecture's penalty term (L1, L0) or 0
     aux: torch.Tensor  # AuxK term or 0
+    fired: torch.Tensor  # [d_sae] bool: latents active on some token of the batch
+    l0: torch.Tensor  # mean active latents per token
+
+
+class _SparsePre(torch.autograd.Function):
+    """Pre-activations ``(x @ W_enc + b_enc)[rows, cols]`` given their (no-grad) values; the backward pass
+    touches only those entries: O(nnz * d_in) instead of a dense ``[batch, d_sae]`` matmul.
+
+    ``rows`` is sorted and ``offsets`` marks where each row starts (embedding-bag layout).
+    """
+
+    @staticmethod
+    def forward(ctx, x, w_enc, b_enc, rows, cols, offsets, values):
+        ctx.save_for_backward(x, w_enc, rows, cols, offsets)
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w_enc, rows, cols, offsets = ctx.saved_tensors
+        d_sae = w_enc.shape[1]
+        g = g.contiguous()
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.embedding_bag(cols, w_enc.t().contiguous(), offsets, mode="sum", per_sample_weights=g)
+        if ctx.needs_input_grad[1]:
+            sparse = torch.sparse_coo_tensor(torch.stack([cols, rows]), g, (d_sae, x.shape[0]), check_invariants=False)
+            grad_w = torch.sparse.mm(sparse, x).t()
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.zeros(d_sae, dtype=g.dtype, device=g.device).index_add_(0, cols, g)
+        return grad_x, grad_w, grad_b, None, None, None, None
 
 
 class _JumpReLU(torch.autograd.Function):
@@ -152,49 +182,76 @@ class SparseAutoencoder(nn.Module):
 
     # -- training -------------------------------------------------------------------------------------------
     def training_forward(self, x: torch.Tensor, dead: torch.Tensor | None = None, *,
-                         sparsity_scale: float = 1.0) -> SAEOutput:
+                         sparsity_scale: float = 1.0, matmul_dtype: torch.dtype | None = None) -> SAEOutput:
         """Reconstruction + the architecture's losses for a ``[batch, d_in]`` batch.
 
         ``dead``: bool mask of latents considered dead (for AuxK); ``sparsity_scale`` multiplies the
-        L1/L0 coefficient (warm-up).
+        L1/L0 coefficient (warm-up). top-k and batch-top-k run sparse: the dense encoder matmul is only used to
+        pick latents (optionally in ``matmul_dtype``, e.g. bfloat16), gradients flow through the picked ones.
         """
         cfg = self.cfg
+        if cfg.architecture in ("topk", "batchtopk"):
+            return self._sparse_forward(x, dead, matmul_dtype)
         pre = self.pre_acts(x)
-        zero = pre.new_zeros(())
-        sparsity = zero
         if cfg.architecture == "relu":
             acts = pre.relu()
             sparsity = cfg.l1_coefficient * sparsity_scale * (acts * self.W_dec.norm(dim=1)).sum(-1).mean()
-        elif cfg.architecture == "topk":
-            vals, idx = pre.topk(cfg.k, dim=-1, sorted=False)
-            acts = torch.zeros_like(pre).scatter(-1, idx, vals.relu())
-        elif cfg.architecture == "batchtopk":
-            flat = pre.relu().flatten()
-            n_keep = min(cfg.k * pre.shape[0], flat.numel())
-            vals, idx = flat.topk(n_keep, sorted=False)
-            acts = torch.zeros_like(flat).scatter(-1, idx, vals).view_as(pre)
-            self._update_threshold(vals)
         else:  # jumprelu
             thr = self.log_threshold.exp()
             acts = _JumpReLU.apply(pre, thr, cfg.jumprelu_bandwidth)
             l0 = _Step.apply(pre, thr, cfg.jumprelu_bandwidth).sum(-1).mean()
             sparsity = cfg.l0_coefficient * sparsity_scale * l0
         recon = self.decode(acts)
+        mse = (x.to(recon.dtype) - recon).pow(2).sum(-1).mean()
+        active = acts > 0
+        return SAEOutput(recon, mse + sparsity, mse, sparsity, pre.new_zeros(()), active.any(0),
+                         active.sum(-1).float().mean())
+
+    def _sparse_forward(self, x, dead, matmul_dtype) -> SAEOutput:
+        cfg = self.cfg
+        xc = x.to(self.W_enc.dtype)
+        if cfg.apply_b_dec_to_input:
+            xc = xc - self.b_dec
+        with torch.no_grad():
+            # selection matmul; in a low-precision dtype the picked values carry its rounding (~0.4% for bf16)
+            dt = matmul_dtype or xc.dtype
+            pre = torch.addmm(self.b_enc.to(dt), xc.detach().to(dt), self.W_enc.to(dt))
+        batch = pre.shape[0]
+        if cfg.architecture == "topk":
+            vals, cols = pre.topk(cfg.k, dim=-1, sorted=False)
+            rows = torch.arange(batch, device=pre.device).repeat_interleave(cfg.k)
+            cols, vals = cols.flatten(), vals.flatten().to(xc.dtype)
+        else:  # batchtopk: the k * batch largest over the whole batch
+            flat = pre.relu().flatten()
+            vals, where = flat.topk(min(cfg.k * batch, flat.numel()), sorted=False)
+            rows, order = (where // cfg.d_sae).sort(stable=True)
+            cols, vals = (where % cfg.d_sae)[order], vals[order].to(xc.dtype)
+            self._update_threshold(vals)
+        offsets = _offsets(rows, batch)
+        acts = _SparsePre.apply(xc, self.W_enc, self.b_enc, rows, cols, offsets, vals).relu()
+        recon = F.embedding_bag(cols, self.W_dec, offsets, mode="sum", per_sample_weights=acts) + self.b_dec
         err = x.to(recon.dtype) - recon
         mse = err.pow(2).sum(-1).mean()
-        aux = zero
-        if cfg.architecture in ("topk", "batchtopk") and cfg.aux_k and dead is not None and bool(dead.any()):
-            aux = cfg.aux_coefficient * self._aux_loss(pre, dead, err.detach())
-        return SAEOutput(recon, acts, mse + sparsity + aux, mse, sparsity, aux)
+        aux = mse.new_zeros(())
+        if cfg.aux_k and dead is not None and bool(dead.any()):
+            aux = cfg.aux_coefficient * self._aux_loss(xc, pre, dead, err.detach())
+        fired = torch.zeros(cfg.d_sae, dtype=torch.bool, device=cols.device)
+        live = acts.detach() > 0
+        fired[cols[live]] = True
+        return SAEOutput(recon, mse + aux, mse, mse.new_zeros(()), aux, fired, live.sum().float() / batch)
 
-    def _aux_loss(self, pre: torch.Tensor, dead: torch.Tensor, err: torch.Tensor) -> torch.Tensor:
+    def _aux_loss(self, xc, pre, dead, err) -> torch.Tensor:
         # AuxK (Gao et al. 2024, sec. 2.4 / A.2): reconstruct the residual error with the top aux_k dead
         # latents; normalised by the error's own energy so the term is scale-free.
         k = min(self.cfg.aux_k, int(dead.sum()))
-        masked = pre.masked_fill(~dead, float("-inf"))
-        vals, idx = masked.topk(k, dim=-1, sorted=False)
-        aux_acts = torch.zeros_like(pre).scatter(-1, idx, vals.relu())
-        aux_recon = aux_acts @ self.W_dec
+        batch = pre.shape[0]
+        with torch.no_grad():
+            vals, cols = pre.masked_fill(~dead, float("-inf")).topk(k, dim=-1, sorted=False)
+        rows = torch.arange(batch, device=pre.device).repeat_interleave(k)
+        cols, vals = cols.flatten(), vals.flatten().to(xc.dtype)
+        offsets = _offsets(rows, batch)
+        acts = _SparsePre.apply(xc, self.W_enc, self.b_enc, rows, cols, offsets, vals).relu()
+        aux_recon = F.embedding_bag(cols, self.W_dec, offsets, mode="sum", per_sample_weights=acts)
         return (aux_recon - err).pow(2).sum(-1).mean() / err.pow(2).sum(-1).mean().clamp(min=1e-12)
 
     @torch.no_grad()
@@ -229,3 +286,9 @@ class SparseAutoencoder(nn.Module):
         self.W_enc.mul_(scale)
         self.W_dec.div_(scale)
         self.b_dec.div_(scale)
+
+
+def _offsets(rows: torch.Tensor, batch: int) -> torch.Tensor:
+    """Start of each row's entries in a row-sorted list (embedding-bag offsets; empty rows allowed)."""
+    counts = torch.bincount(rows, minlength=batch)
+    return torch.cumsum(counts, 0) - counts

@@ -21,10 +21,14 @@ class TrainConfig:
     warmup_steps: int = 50
     decay_fraction: float = 0.2  # linear decay to 0 over the last fraction of training
     sparsity_warmup_steps: int = 0  # linear warm-up of the L1 / L0 coefficient
-    dead_after_tokens: int = 500_000  # a latent not fired for this many tokens counts as dead (AuxK, metrics)
+    dead_after_tokens: int = 500_000  # a latent not fired for this many tokens counts as dead (reported)
+    # AuxK trains latents silent for this many tokens (None: dead_after_tokens). Shorter than the reporting
+    # window revives latents before they count as dead.
+    aux_after_tokens: int | None = None
     input_scale: float = 1.0  # activations are multiplied by this (see ActivationStore.norm_scale); folded at the end
     init_b_dec: str = "mean"  # "mean" of the first batch, or "zeros"
     grad_clip: float | None = 1.0
+    matmul_dtype: str | None = None  # e.g. "bfloat16": dtype of the dense latent-selection matmul (top-k kinds)
     log_every: int = 50
     checkpoint_every_tokens: int | None = None
     checkpoint_dir: str | None = None
@@ -70,7 +74,8 @@ def train_sae(sae: SparseAutoencoder, batches: Iterable[torch.Tensor], cfg: Trai
     unit_decoder = arch in ("topk", "batchtopk", "jumprelu")
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.betas)
     core = sae
-    step_fn: torch.nn.Module = _TrainStep(sae)
+    matmul_dtype = getattr(torch, cfg.matmul_dtype) if cfg.matmul_dtype else None
+    step_fn: torch.nn.Module = _TrainStep(sae, matmul_dtype)
     accelerator = None
     if cfg.accelerate:
         from accelerate import Accelerator
@@ -91,6 +96,7 @@ def train_sae(sae: SparseAutoencoder, batches: Iterable[torch.Tensor], cfg: Trai
     batch_size = first.shape[0]
     total_steps = max(1, cfg.total_tokens // batch_size)
     since_fired = torch.zeros(core.cfg.d_sae, dtype=torch.long, device=device)
+    aux_after = cfg.dead_after_tokens if cfg.aux_after_tokens is None else cfg.aux_after_tokens
     history: list[dict] = []
     bar = None
     if cfg.progress:
@@ -107,7 +113,7 @@ def train_sae(sae: SparseAutoencoder, batches: Iterable[torch.Tensor], cfg: Trai
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * _lr_factor(step, total_steps, cfg)
             scale = min(1.0, (step + 1) / cfg.sparsity_warmup_steps) if cfg.sparsity_warmup_steps else 1.0
-            dead = since_fired >= cfg.dead_after_tokens
+            dead = since_fired >= aux_after
             out = step_fn(x, dead, scale)
             opt.zero_grad(set_to_none=True)
             if accelerator:
@@ -122,15 +128,14 @@ def train_sae(sae: SparseAutoencoder, batches: Iterable[torch.Tensor], cfg: Trai
             if unit_decoder:
                 core.normalize_decoder()
             with torch.no_grad():
-                fired = (out.acts > 0).any(0)
                 since_fired += batch_size
-                since_fired[fired] = 0
+                since_fired[out.fired] = 0
             tokens = (step + 1) * batch_size
             if step % cfg.log_every == 0 or step == total_steps - 1:
                 with torch.no_grad():
                     var = (x - x.mean(0)).pow(2).sum(-1).mean()
                     row = {"step": step, "tokens": tokens, "loss": float(out.loss), "mse": float(out.mse),
-                           "fvu": float(out.mse / var), "l0": float((out.acts > 0).sum(-1).float().mean()),
+                           "fvu": float(out.mse / var), "l0": float(out.l0),
                            "sparsity": float(out.sparsity), "aux": float(out.aux),
                            "dead_fraction": float((since_fired >= cfg.dead_after_tokens).float().mean()),
                            "lr": opt.param_groups[0]["lr"], "seconds": time.time() - t0}
@@ -157,12 +162,12 @@ def train_sae(sae: SparseAutoencoder, batches: Iterable[torch.Tensor], cfg: Trai
 class _TrainStep(torch.nn.Module):
     """The training forward as a module's forward, so a DDP wrapper (accelerate) synchronises gradients."""
 
-    def __init__(self, sae: SparseAutoencoder):
+    def __init__(self, sae: SparseAutoencoder, matmul_dtype):
         super().__init__()
-        self.sae = sae
+        self.sae, self.matmul_dtype = sae, matmul_dtype
 
     def forward(self, x, dead, scale):
-        return self.sae.training_forward(x, dead, sparsity_scale=scale)
+        return self.sae.training_forward(x, dead, sparsity_scale=scale, matmul_dtype=self.matmul_dtype)
 
 
 def _checkpoint(sae: SparseAutoencoder, folder: Path, scale: float) -> None:

@@ -1,0 +1,40 @@
+"""C++ helpers compiled on first use with torch's extension builder (g++ and ninja), cached by torch under
+``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``). ``DAERT_NO_NATIVE=1`` turns them off;
+if compilation fails the callers fall back to their Python path (one warning says why)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+_SRC = Path(__file__).parent / "csrc"
+_loaded: dict[str, object] = {}
+_failed: dict[str, str] = {}
+
+
+def disabled() -> bool:
+    return os.environ.get("DAERT_NO_NATIVE", "") not in ("", "0")
+
+
+def load(name: str):
+    """The compiled module for ``csrc/{name}.cpp``, or None (disabled or failed to build)."""
+    if disabled() or name in _failed:
+        return None
+    if name not in _loaded:
+        try:
+            from torch.utils.cpp_extension import load as build
+
+            _loaded[name] = build(name=f"daert_{name}", sources=[str(_SRC / f"{name}.cpp")],
+                                  extra_cflags=["-O2"], verbose=False)
+        except Exception as e:  # no compiler, no ninja, read-only cache ...
+            _failed[name] = f"{type(e).__name__}: {e}"
+            warnings.warn(f"daert: C++ helper {name!r} unavailable, using the Python path ({_failed[name][:200]})",
+                          stacklevel=2)
+            return None
+    return _loaded[name]
+
+
+def failure(name: str) -> str | None:
+    """Why ``name`` could not be built (None if it was not tried or succeeded)."""
+    return _failed.get(name)
