@@ -157,14 +157,23 @@ class ActivationStore:
             if not rows:
                 self.exhausted = True
                 break
-            ids = torch.tensor(rows, dtype=torch.long, device=self.device)
-            acts = activations_at(self.model, ids, self.cfg.hook_name, autocast=self.cfg.autocast)[:, self.cfg.exclude_first:]
-            acts = self._drop_outliers(acts.reshape(-1, acts.shape[-1]).float())
+            acts = self._acts_of(rows)
             chunks.append(acts)
             have += acts.shape[0]
         if not chunks:
             raise RuntimeError(f"the corpus {self.cfg.sources} ran out of text")
         return torch.cat(chunks)
+
+    def _acts_of(self, rows: list[list[int]]) -> torch.Tensor:
+        """Training activations of token windows: first positions and outliers dropped, flattened."""
+        ids = torch.tensor(rows, dtype=torch.long, device=self.device)
+        acts = activations_at(self.model, ids, self.cfg.hook_name, autocast=self.cfg.autocast)[:, self.cfg.exclude_first:]
+        return self._drop_outliers(acts.reshape(-1, acts.shape[-1]).float())
+
+    def _add_to_buffer(self, acts: torch.Tensor | None = None) -> None:
+        """Append ``acts`` (if any) to the buffer and reshuffle it."""
+        buf = self._buffer if acts is None else acts if self._buffer is None else torch.cat([self._buffer, acts])
+        self._buffer = buf[torch.randperm(buf.shape[0], generator=self._gen).to(buf.device)]
 
     def _drop_outliers(self, acts: torch.Tensor) -> torch.Tensor:
         self.produced += acts.shape[0]
@@ -176,9 +185,7 @@ class ActivationStore:
         """A ``[batch_size, d_in]`` float32 batch of shuffled activations."""
         cap, bs = self.cfg.batch_size * self.cfg.buffer_batches, self.cfg.batch_size
         if self._buffer is None or (self._buffer.shape[0] < cap // 2 and not self.exhausted):
-            fresh = self._produce(cap - (0 if self._buffer is None else self._buffer.shape[0]))
-            buf = fresh if self._buffer is None else torch.cat([self._buffer, fresh])
-            self._buffer = buf[torch.randperm(buf.shape[0], generator=self._gen).to(buf.device)]
+            self._add_to_buffer(self._produce(cap - (0 if self._buffer is None else self._buffer.shape[0])))
         if self._buffer.shape[0] < bs:
             raise RuntimeError(f"the corpus {self.cfg.sources} ran out of text")
         batch = self._buffer[:bs]
@@ -201,11 +208,7 @@ class ActivationStore:
             if not extra and len(self._held_out) == before:
                 raise RuntimeError(f"only {before} held-out windows available, asked for {n}")
             if extra:  # the training windows read on the way are not lost: they join the (reshuffled) buffer
-                ids = torch.tensor(extra, dtype=torch.long, device=self.device)
-                acts = activations_at(self.model, ids, self.cfg.hook_name, autocast=self.cfg.autocast)[:, self.cfg.exclude_first:]
-                acts = self._drop_outliers(acts.reshape(-1, acts.shape[-1]).float())
-                buf = acts if self._buffer is None else torch.cat([acts, self._buffer])
-                self._buffer = buf[torch.randperm(buf.shape[0], generator=self._gen).to(buf.device)]
+                self._add_to_buffer(self._acts_of(extra))
         return torch.tensor(self._held_out[:n], dtype=torch.long)
 
     @torch.no_grad()
@@ -215,5 +218,5 @@ class ActivationStore:
         for _ in range(n_batches):
             b = self.next_batch(peek=True)
             norms.append(b.norm(dim=-1).mean())
-            self._buffer = self._buffer[torch.randperm(self._buffer.shape[0], generator=self._gen)]
+            self._add_to_buffer()
         return float(b.shape[-1] ** 0.5 / torch.stack(norms).mean())
