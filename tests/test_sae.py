@@ -121,7 +121,7 @@ def test_sparse_training_path_matches_dense_autograd(arch):
     aux_idx = pre.detach().masked_fill(~dead, float("-inf")).topk(5, dim=-1).indices
     aux_acts = (pre.relu() * torch.zeros_like(pre, dtype=torch.bool).scatter(-1, aux_idx, True))
     e = err.detach()
-    aux = ((aux_acts @ sae.W_dec - e).pow(2).sum(-1).mean() / e.pow(2).sum(-1).mean()) / 32
+    aux = min(1.0, int(dead.sum()) / 5) * (aux_acts @ sae.W_dec - e).pow(2).sum(-1).mean() / 32
     loss = err.pow(2).sum(-1).mean() + aux
     assert float(loss) == pytest.approx(float(out.loss), rel=1e-5)
     loss.backward()
@@ -142,6 +142,30 @@ def test_auxk_reaches_dead_latents():
     live_only = sae.training_forward(x, None)
     assert live_only.aux == 0
     assert sae.W_enc.grad[:, 40:].abs().sum() > 0  # the dead latents are trained through AuxK
+
+
+def test_auxk_term_is_in_reconstruction_units():
+    # AuxK is weighted against the MSE in the same units (Gao et al.; EleutherAI's sparsify): scaling the input by
+    # c scales both by c^2. An AuxK normalised by the error's own energy would not move, and on real activations
+    # (error ~ 10% of the variance) ended up too weak to revive any latent.
+    sae = SparseAutoencoder(SAEConfig(16, 64, "topk", k=2, aux_k=8), seed=2)
+    with torch.no_grad():
+        sae.b_dec.normal_()
+    x = torch.randn(32, 16)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[40:] = True
+    a = sae.training_forward(x, dead)
+    with torch.no_grad():
+        sae.b_dec.mul_(3.0)
+    b = sae.training_forward(3.0 * x, dead)
+    assert float(b.mse / a.mse) == pytest.approx(9.0, rel=1e-4)
+    assert float(b.aux / a.aux) == pytest.approx(9.0, rel=1e-4)
+    few = torch.zeros(64, dtype=torch.bool)
+    few[60:] = True  # 4 dead latents < aux_k = 8: the term is scaled by 4 / 8
+    c, full = sae.training_forward(3.0 * x, few), SparseAutoencoder(SAEConfig(16, 64, "topk", k=2, aux_k=4), seed=2)
+    with torch.no_grad():
+        full.load_state_dict(sae.state_dict())
+    assert float(c.aux) == pytest.approx(0.5 * float(full.training_forward(3.0 * x, few).aux), rel=1e-5)
 
 
 def test_fold_scale_keeps_latents():
@@ -258,6 +282,16 @@ def test_store_keeps_holdout_out_of_training(tiny):
     assert held == raw[4::5] and train == [w for i, w in enumerate(raw) if i % 5 != 4]
     batch = store.next_batch()  # training goes on after evaluation windows were taken
     assert batch.shape[0] == 128
+
+
+def test_eval_windows_reshuffle_the_buffer_once(tiny, monkeypatch):
+    # reading many evaluation windows must not re-shuffle the growing buffer after every forward (quadratic)
+    store = _store(tiny, windows_per_forward=2)
+    calls = []
+    real = store._add_to_buffer
+    monkeypatch.setattr(store, "_add_to_buffer", lambda acts=None: (calls.append(acts.shape[0]), real(acts)))
+    store.eval_windows(6)  # ~30 windows read two per forward, ~24 of them training windows
+    assert len(calls) == 1 and calls[0] == store._buffer.shape[0] == store.produced - store.dropped >= 24 * 31
 
 
 def test_metrics_identity_and_zero_sae(tiny):

@@ -242,8 +242,12 @@ class SparseAutoencoder(nn.Module):
 
     def _aux_loss(self, xc, pre, dead, err) -> torch.Tensor:
         # AuxK (Gao et al. 2024, sec. 2.4 / A.2): reconstruct the residual error with the top aux_k dead
-        # latents; normalised by the error's own energy so the term is scale-free.
-        k = min(self.cfg.aux_k, int(dead.sum()))
+        # latents. The squared error is in the same units as the main MSE (both are sums over d_in, means over
+        # tokens), so aux_coefficient is the weight relative to the reconstruction loss, and it is scaled down
+        # while fewer than aux_k latents are dead. Dividing by the error's energy instead (~FVU * variance)
+        # made the term ~30x weaker on SmolLM2 activations and AuxK revived nothing (dead 4.3% after 6M tokens).
+        n_dead = int(dead.sum())
+        k = min(self.cfg.aux_k, n_dead)
         batch = pre.shape[0]
         with torch.no_grad():
             vals, cols = pre.masked_fill(~dead, float("-inf")).topk(k, dim=-1, sorted=False)
@@ -252,7 +256,7 @@ class SparseAutoencoder(nn.Module):
         offsets = _offsets(rows, batch)
         acts = _SparsePre.apply(xc, self.W_enc, self.b_enc, rows, cols, offsets, vals).relu()
         aux_recon = F.embedding_bag(cols, self.W_dec, offsets, mode="sum", per_sample_weights=acts)
-        return (aux_recon - err).pow(2).sum(-1).mean() / err.pow(2).sum(-1).mean().clamp(min=1e-12)
+        return min(1.0, n_dead / self.cfg.aux_k) * (aux_recon - err).pow(2).sum(-1).mean()
 
     @torch.no_grad()
     def _update_threshold(self, kept: torch.Tensor) -> None:

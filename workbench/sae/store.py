@@ -202,13 +202,16 @@ class ActivationStore:
         """``[n, context_size]`` held-out token windows (never served as training activations)."""
         if not self.cfg.holdout_every:
             raise ValueError("holdout_every=0: this store keeps no evaluation windows")
+        read = []  # the training windows read on the way are not lost: they join the buffer (one reshuffle)
         while len(self._held_out) < n:
             before = len(self._held_out)
             extra = self._next_windows(self.cfg.windows_per_forward)
             if not extra and len(self._held_out) == before:
                 raise RuntimeError(f"only {before} held-out windows available, asked for {n}")
-            if extra:  # the training windows read on the way are not lost: they join the (reshuffled) buffer
-                self._add_to_buffer(self._acts_of(extra))
+            if extra:
+                read.append(self._acts_of(extra))
+        if read:
+            self._add_to_buffer(torch.cat(read))
         return torch.tensor(self._held_out[:n], dtype=torch.long)
 
     @torch.no_grad()
