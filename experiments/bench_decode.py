@@ -47,14 +47,25 @@ def matmul_floor_ms(backend, batch: int, repeats: int = 20) -> float:
     """
     mats = [w for ly in backend.layers for w in (ly.wqkv, ly.wo, ly.wgu, ly.wdown)] + [backend.lm_head]
     xs = {w.shape[0]: torch.randn(batch, w.shape[0]) for w in mats}
+    outs = [torch.empty(batch, w.shape[1]) for w in mats]  # preallocated, as in the fused decode loop
     times = []
     with torch.inference_mode():
         for _ in range(repeats + 3):
             t0 = time.perf_counter()
-            for w in mats:
-                xs[w.shape[0]] @ w
+            for w, o in zip(mats, outs, strict=True):
+                torch.mm(xs[w.shape[0]], w, out=o)
             times.append(time.perf_counter() - t0)
     return 1000 * statistics.median(times[3:])
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 def run(args) -> dict:
@@ -104,7 +115,7 @@ def run(args) -> dict:
                 row["ratio_bound"] = (med["hf"] / args.new_tokens * 1000) / floor
             rows.append(row)
     return {"model": args.model, "device": str(model.device),
-            "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} torch threads max",
+            "machine": f"{platform.machine()} {_cpu_name()} {torch.get_num_threads()} torch threads max",
             "torch": torch.__version__, "rows": rows}
 
 

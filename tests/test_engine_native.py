@@ -1,4 +1,5 @@
-"""The compiled packed-llama layer loop gives bitwise the Python loop's results, and falls back cleanly."""
+"""The compiled packed-llama layers: the prefill loop gives bitwise the Python loop's results, the fused decode
+loop the same within float rounding (and the same greedy tokens); both fall back cleanly."""
 
 import pytest
 import torch
@@ -21,17 +22,60 @@ def _run(backend, ids, mask, steps=3):
 
 
 @pytest.mark.skipif(native.disabled(), reason="DAERT_NO_NATIVE is set")
-def test_native_layers_bitwise_equal_python():
-    model, _ = build_tiny("llama")
+@pytest.mark.parametrize("kind", ["llama", "llama-mha"])
+def test_native_layers_equal_python(kind):
+    if kind == "llama-mha":  # heads == kv_heads (no grouped-query sharing)
+        from transformers import AutoModelForCausalLM
+
+        cfg = build_tiny("llama")[0].config
+        cfg.num_key_value_heads = cfg.num_attention_heads
+        torch.manual_seed(3)
+        model = AutoModelForCausalLM.from_config(cfg).eval()
+    else:
+        model, _ = build_tiny("llama")
     py, nat = PackedLlamaBackend(model, native=False), PackedLlamaBackend(model, native=True)
     assert py.native is None and nat.native is not None
     ids = torch.randint(5, 250, (3, 9), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     mask[0, :4] = 0  # left padding
     mask[2, :1] = 0
-    (a, ca), (b, cb) = _run(py, ids, mask), _run(nat, ids, mask)
-    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
-    assert torch.equal(ca.k, cb.k) and torch.equal(ca.v, cb.v)
+    (a, ca), (b, cb) = _run(py, ids, mask, steps=6), _run(nat, ids, mask, steps=6)
+    torch.testing.assert_close(b[0], a[0], rtol=1e-5, atol=1e-5)  # 9 new tokens: the fused loop, causal
+    for x, y in zip(a[1:], b[1:], strict=True):  # decode: fused loops, float rounding only
+        torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-5)
+        assert torch.equal(x.argmax(-1), y.argmax(-1))
+    torch.testing.assert_close(cb.k, ca.k, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cb.v, ca.v, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(native.disabled(), reason="DAERT_NO_NATIVE is set")
+def test_native_long_prefill_bitwise_equal_python(monkeypatch):
+    model, _ = build_tiny("llama")
+    py, nat = PackedLlamaBackend(model, native=False), PackedLlamaBackend(model, native=True)
+    monkeypatch.setattr(PackedLlamaBackend, "FUSED_MAX_TOKENS", 4)  # 9 new tokens: the ATen loop
+    ids = torch.randint(5, 250, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    (a, ca), (b, cb) = _run(py, ids, mask, steps=0), _run(nat, ids, mask, steps=0)
+    assert torch.equal(a[0], b[0]) and torch.equal(ca.k, cb.k) and torch.equal(ca.v, cb.v)
+
+
+@pytest.mark.skipif(native.disabled(), reason="DAERT_NO_NATIVE is set")
+def test_native_decode_rejects_bad_shapes():
+    model, _ = build_tiny("llama")
+    nat = PackedLlamaBackend(model, native=True)
+    cache = nat.new_cache(2, 8)
+    h = torch.zeros(2, 1, model.config.hidden_size)
+    D = nat.head_dim
+    cos, sin = torch.ones(2, 1, 1, D), torch.zeros(2, 1, 1, D)
+    args = (*nat._native_args, cache.k, cache.v, cos, sin)
+    with pytest.raises(RuntimeError, match="attention mask"):
+        nat.native.decode_layers(h, *args, torch.ones(2, 5, dtype=torch.bool), 0, nat.heads, nat.kv_heads, D, 1e-5)
+    with pytest.raises(RuntimeError, match="overflow"):
+        nat.native.decode_layers(h, *args, torch.ones(2, 9, dtype=torch.bool), 8, nat.heads, nat.kv_heads, D, 1e-5)
+    with pytest.raises(RuntimeError, match="cos/sin"):
+        nat.native.decode_layers(h.expand(2, 2, -1), *args, torch.ones(2, 2, dtype=torch.bool), 0, nat.heads,
+                                 nat.kv_heads, D, 1e-5)
 
 
 def test_native_refused_with_biases_and_disabled(monkeypatch):

@@ -81,10 +81,12 @@ class PackedLlamaBackend:
     name = "packed-llama"
     MODEL_TYPES = ("llama",)
     STATIC_ROPE = ("default", "linear", "llama3", "yarn", "longrope")
+    FUSED_MAX_TOKENS = 16  # new tokens per row up to which the native fused loop runs
 
     def __init__(self, model, native: bool | None = None):
-        """``native``: run the layer loop in the compiled C++ helper (same ATen ops, bitwise-equal results,
-        less per-op overhead). None = when available (fp32, bias-free layers, helper builds), False = Python."""
+        """``native``: run the layer loop in the compiled C++ helper (prefill: the same ATen ops, bitwise-equal
+        results; decode steps: fused loops around the four weight matmuls, equal within float rounding).
+        None = when available (fp32, bias-free layers, helper builds), False = Python."""
         why = self.unsupported(model)
         if why:
             raise ValueError(f"backend 'packed-llama' cannot run this model: {why}")
@@ -210,8 +212,10 @@ class PackedLlamaBackend:
         half = D // 2
         h = F.embedding(ids, self.embed)
         if self.native is not None:
-            h = self.native.layers_forward(h, *self._native_args, cache.k, cache.v, cos, sin, attn_mask,
-                                           start, H, KV, D, self.eps)
+            # a few new tokens per row (decode, verification): the fused loop; its attention is a plain loop,
+            # so longer prefills take the ATen loop (bitwise the Python one) and its blocked SDPA
+            run = self.native.decode_layers if T <= self.FUSED_MAX_TOKENS else self.native.layers_forward
+            h = run(h, *self._native_args, cache.k, cache.v, cos, sin, attn_mask, start, H, KV, D, self.eps)
             cache.length = end
             return self.head(h if all_positions else h[:, -1])
         for i, ly in enumerate(self.layers):

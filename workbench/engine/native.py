@@ -26,7 +26,8 @@ def load(name: str):
             from torch.utils.cpp_extension import load as build
 
             _loaded[name] = build(name=f"daert_{name}", sources=[str(_SRC / f"{name}.cpp")],
-                                  extra_cflags=["-O2"], verbose=False)
+                                  extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                                  extra_ldflags=["-fopenmp"], verbose=False)
         except Exception as e:  # no compiler, no ninja, read-only cache ...
             _failed[name] = f"{type(e).__name__}: {e}"
             warnings.warn(f"daert: C++ helper {name!r} unavailable, using the Python path ({_failed[name][:200]})",
