@@ -37,13 +37,22 @@ def save(path: Path, data: dict) -> None:
     tmp.replace(path)
 
 
+# method name -> (RopeScaling method, scaling factor / context multiple). "yarn-1.5x" is YaRN with headroom:
+# factor 3 at 2x context, 6 at 4x (the low frequencies are interpolated further than the length requires).
+METHODS = {"none": ("none", 1.0), "linear": ("linear", 1.0), "dynamic-ntk": ("dynamic-ntk", 1.0),
+           "yarn": ("yarn", 1.0), "yarn-1.5x": ("yarn", 1.5)}
+
+
 def scaling_for(method: str, x: int):
     from workbench.context import RopeScaling
 
-    if method == "none" or x == 1:
+    if method not in METHODS:
+        raise SystemExit(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    kind, headroom = METHODS[method]
+    if kind == "none" or x == 1:
         return RopeScaling("none")
-    extra = {"original_max_position_embeddings": NATIVE} if method in ("yarn", "dynamic-ntk") else {}
-    return RopeScaling(method, float(x), **extra)
+    extra = {"original_max_position_embeddings": NATIVE} if kind in ("yarn", "dynamic-ntk") else {}
+    return RopeScaling(kind, float(x) * headroom, **extra)
 
 
 def run(args) -> dict:
@@ -167,7 +176,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-m", "--model", default="smollm2-135m-instruct")
     ap.add_argument("--x", type=int, nargs="+", default=[1, 2, 4], help="context multiples of 8192")
-    ap.add_argument("--methods", nargs="+", default=["none", "linear", "dynamic-ntk", "yarn"])
+    ap.add_argument("--methods", nargs="+", default=["none", "linear", "dynamic-ntk", "yarn"], choices=list(METHODS))
     ap.add_argument("--depths", type=float, nargs="+", default=[0.2, 0.5, 0.8])
     ap.add_argument("--trials", type=int, default=2, help="trials per depth at 1x and 2x")
     ap.add_argument("--trials-4x", type=int, default=1, help="trials per depth at 4x (slow on CPU)")
