@@ -4,13 +4,30 @@ if compilation fails the callers fall back to their Python path (one warning say
 
 from __future__ import annotations
 
+import hashlib
 import os
+import platform
 import warnings
 from pathlib import Path
 
 _SRC = Path(__file__).parent / "csrc"
 _loaded: dict[str, object] = {}
 _failed: dict[str, str] = {}
+
+
+def _cpu_tag() -> str:
+    """Short hash of this CPU's instruction-set flags. The helpers are built with ``-march=native`` and torch's
+    cache key does not include the CPU, so the tag keeps a home directory shared by different machines from
+    loading a binary built for another instruction set."""
+    ident = platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):  # x86 / ARM
+                ident += line
+                break
+    except OSError:
+        ident += platform.processor()
+    return hashlib.sha1(ident.encode()).hexdigest()[:8]
 
 
 def disabled() -> bool:
@@ -25,7 +42,7 @@ def load(name: str):
         try:
             from torch.utils.cpp_extension import load as build
 
-            _loaded[name] = build(name=f"daert_{name}", sources=[str(_SRC / f"{name}.cpp")],
+            _loaded[name] = build(name=f"daert_{name}_{_cpu_tag()}", sources=[str(_SRC / f"{name}.cpp")],
                                   extra_cflags=["-O3", "-march=native", "-fopenmp"],
                                   extra_ldflags=["-fopenmp"], verbose=False)
         except Exception as e:  # no compiler, no ninja, read-only cache ...

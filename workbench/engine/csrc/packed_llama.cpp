@@ -4,8 +4,8 @@
 //   Python loop, so results are bitwise equal, without Python's per-op overhead.
 // decode_layers: a few new tokens per row (decode steps, speculative verification). Only the four weight
 //   matmuls go through ATen (into preallocated buffers; the two residual adds are folded into addmm_);
-//   RMSNorm, RoPE, the KV-cache write, attention over the cached keys and SiLU*up are plain loops. Same math, other summation order:
-//   equal to the Python loop within float rounding (tested), not bitwise.
+//   RMSNorm, RoPE, the KV-cache write, attention over the cached keys and SiLU*up are plain loops. Same
+//   math, other summation order: equal to the Python loop within float rounding (tested), not bitwise.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
