@@ -4,7 +4,7 @@ Width 16 x d_model = 9216 latents, k = 32, hook ``blocks.15.hook_resid_pre`` (th
 layer 15 of 30), text from the local Debian corpora (mixed in proportion to their sizes: gcide, fortunes, jargon, devil), every
 20th window held out for evaluation. Targets: FVU <= 0.15, CE loss recovered >= 0.9, dead < 1%.
 
-    .venv/bin/python experiments/train_sae.py --tokens 4000000
+    .venv/bin/python experiments/train_sae.py --tokens 6000000 --lr 1.5e-3 --aux-window 250000   # committed results
 
 writes experiments/results/sae_smollm2.json, a feature dashboard (experiments/results/sae/dashboard.html)
 and the SAE in SAELens format under $DAERT_CACHE/saes/ (not committed: 42 MB).
