@@ -36,6 +36,8 @@ def main() -> None:
     ap.add_argument("--dead-window", type=int, default=1_000_000, help="tokens without firing that make a latent dead")
     ap.add_argument("--aux-window", type=int, default=None,
                     help="tokens without firing after which AuxK trains a latent (default: --dead-window)")
+    ap.add_argument("--resample-every", type=int, default=None,
+                    help="re-initialise latents silent for --aux-window tokens every this many tokens (off by default)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
                     help="bfloat16 autocast for the activation forward and the latent-selection matmul")
@@ -71,14 +73,15 @@ def main() -> None:
     cfg = SAEConfig(d, args.expansion * d, "topk", k=args.k, hook_name=args.hook, model_name=args.model)
     sae = SparseAutoencoder(cfg)
     tcfg = TrainConfig(total_tokens=args.tokens, lr=args.lr, input_scale=scale, dead_after_tokens=args.dead_window,
-                       aux_after_tokens=args.aux_window,
+                       aux_after_tokens=args.aux_window, resample_every_tokens=args.resample_every,
                        matmul_dtype="bfloat16" if args.bf16 else None, log_every=20)
     t0 = time.time()
     result = train_sae(sae, store, tcfg)
     train_seconds = time.time() - t0
     print(f"trained on {result.tokens:,} tokens in {train_seconds / 60:.1f} min "
           f"({result.tokens / train_seconds:,.0f} tok/s incl. activations); "
-          f"dead (no firing in the last {args.dead_window:,} tokens): {result.dead_fraction:.2%}")
+          f"dead (no firing in the last {args.dead_window:,} tokens): {result.dead_fraction:.2%}; "
+          f"{result.resampled} latent re-initialisations")
     t1 = time.time()
     metrics = evaluate_sae(sae, model, eval_windows, args.hook)
     eval_seconds = time.time() - t1
@@ -99,7 +102,8 @@ def main() -> None:
         "lr": args.lr, "batch": args.batch, "context": args.context, "sources": args.sources, "bf16": args.bf16,
         "input_scale": scale, "threads": args.threads, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
         "dead_fraction_training": result.dead_fraction, "dead_window_tokens": args.dead_window,
-        "aux_window_tokens": args.aux_window or args.dead_window,
+        "aux_window_tokens": args.aux_window or args.dead_window, "resample_every_tokens": args.resample_every,
+        "resampled_latents": result.resampled,
         "eval": metrics, "saved_to": str(folder),
         "history": result.history[:: max(1, len(result.history) // 60)] + result.history[-1:],
     }

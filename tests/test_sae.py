@@ -144,6 +144,60 @@ def test_auxk_reaches_dead_latents():
     assert sae.W_enc.grad[:, 40:].abs().sum() > 0  # the dead latents are trained through AuxK
 
 
+def _silenced_topk():
+    """A top-k SAE (128 latents for the 128 hidden features) whose last 32 latents can never be picked:
+    pre-activations ~ -100, so AuxK's ReLU passes them no gradient either."""
+    sae = SparseAutoencoder(SAEConfig(32, 128, "topk", k=4, aux_k=16), seed=0)
+    with torch.no_grad():
+        sae.b_enc[96:] = -100.0
+    return sae
+
+
+def test_resampling_revives_silenced_latents():
+    cfg = dict(total_tokens=200 * 256, lr=1e-2, progress=False, log_every=10, dead_after_tokens=5_000,
+               aux_after_tokens=2_000)
+    plain = _silenced_topk()
+    base = train_sae(plain, synthetic(200), TrainConfig(**cfg))
+    assert base.resampled == 0 and base.dead_fraction >= 32 / 128  # AuxK alone cannot reach them
+    sae = _silenced_topk()
+    res = train_sae(sae, synthetic(200), TrainConfig(**cfg, resample_every_tokens=5_000))
+    assert res.resampled >= 32
+    assert res.dead_fraction < 0.03, res.dead_fraction
+    with torch.no_grad():
+        f = sae.encode(next(synthetic(4, seed=3)))
+    assert int((f[:, 96:] > 0).any(0).sum()) >= 28  # the revived latents fire on fresh data
+    assert res.history[-1]["fvu"] < base.history[-1]["fvu"]  # and they help the reconstruction
+    decay_start = int(200 * (1 - 0.2))  # no resampling once the lr decay has started
+    late = [r["resampled"] for r in res.history if r["step"] >= decay_start]
+    assert len(set(late)) == 1
+
+
+def test_resample_points_latents_at_badly_reconstructed_inputs():
+    from workbench.sae.train import _resample
+
+    sae = SparseAutoencoder(SAEConfig(8, 16, "topk", k=2), seed=0)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
+    x = torch.randn(4, 8)
+    sae.training_forward(x).loss.backward()
+    opt.step()
+    recon = x.clone()
+    recon[2] = 0.0  # only input 2 is reconstructed badly: every pick lands there
+    silent = torch.zeros(16, dtype=torch.bool)
+    silent[[3, 9]] = True
+    before = {id(p): {m: t.clone() for m, t in opt.state[p].items()} for p in (sae.W_enc, sae.W_dec, sae.b_enc)}
+    assert _resample(sae, opt, silent, x, recon) == 1  # one input with error: one latent re-initialised
+    d = x[2] / x[2].norm()
+    assert torch.allclose(sae.W_dec[3], d * sae.W_dec[~silent].norm(dim=1).mean(), atol=1e-6)
+    assert torch.allclose(sae.W_enc[:, 3] / sae.W_enc[:, 3].norm(), d, atol=1e-6) and float(sae.b_enc[3]) == 0
+    for p, row in ((sae.W_dec, (3,)), (sae.b_enc, (3,)), (sae.W_enc, (slice(None), 3))):
+        for m in ("exp_avg", "exp_avg_sq"):
+            expect = before[id(p)][m].clone()
+            expect[row] = 0.0  # the re-initialised latent's moments are zeroed, the others kept
+            assert torch.equal(opt.state[p][m], expect)
+    with pytest.raises(ValueError, match="resample_every_tokens"):
+        TrainConfig(resample_every_tokens=0)
+
+
 def test_auxk_term_is_in_reconstruction_units():
     # AuxK is weighted against the MSE in the same units (Gao et al.; EleutherAI's sparsify): scaling the input by
     # c scales both by c^2. An AuxK normalised by the error's own energy would not move, and on real activations

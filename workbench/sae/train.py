@@ -25,6 +25,10 @@ class TrainConfig:
     # AuxK trains latents silent for this many tokens (None: dead_after_tokens). Shorter than the reporting
     # window revives latents before they count as dead.
     aux_after_tokens: int | None = None
+    # Every this many tokens, re-initialise the latents silent for aux_after_tokens (Bricken et al. 2023,
+    # "Towards Monosemanticity": towards inputs the SAE reconstructs badly, Adam state reset). Stops when the
+    # lr decay starts, so resampled latents are trained before the end. None: off.
+    resample_every_tokens: int | None = None
     input_scale: float = 1.0  # activations are multiplied by this (see ActivationStore.norm_scale); folded at the end
     init_b_dec: str = "mean"  # "mean" of the first batch, or "zeros"
     grad_clip: float | None = 1.0
@@ -44,6 +48,8 @@ class TrainConfig:
             raise ValueError(f"init_b_dec must be 'mean' or 'zeros', got {self.init_b_dec!r}")
         if self.checkpoint_every_tokens and not self.checkpoint_dir:
             raise ValueError("checkpoint_every_tokens needs checkpoint_dir")
+        if self.resample_every_tokens is not None and self.resample_every_tokens < 1:
+            raise ValueError(f"resample_every_tokens must be positive or None, got {self.resample_every_tokens}")
 
 
 @dataclass
@@ -52,6 +58,7 @@ class TrainResult:
     tokens: int
     seconds: float
     dead_fraction: float  # latents not fired in the last dead_after_tokens tokens
+    resampled: int = 0  # latent re-initialisations (resample_every_tokens)
     history: list[dict] = field(default_factory=list)
 
 
@@ -105,6 +112,9 @@ def train_sae(sae: SparseAutoencoder, batches: Iterable[torch.Tensor], cfg: Trai
         bar = tqdm(total=total_steps * batch_size, unit="tok", unit_scale=True, desc=f"SAE {arch}")
     t0 = time.time()
     next_ckpt = cfg.checkpoint_every_tokens
+    next_resample = cfg.resample_every_tokens
+    decay_start = int(total_steps * (1 - cfg.decay_fraction)) if cfg.decay_fraction > 0 else total_steps
+    resampled = 0
     x = first
     try:
         for step in range(total_steps):
@@ -131,6 +141,10 @@ def train_sae(sae: SparseAutoencoder, batches: Iterable[torch.Tensor], cfg: Trai
                 since_fired += batch_size
                 since_fired[out.fired] = 0
             tokens = (step + 1) * batch_size
+            if next_resample and tokens >= next_resample:
+                next_resample += cfg.resample_every_tokens
+                if step < decay_start:
+                    resampled += _resample(core, opt, since_fired >= aux_after, x, out.recon.detach())
             if step % cfg.log_every == 0 or step == total_steps - 1:
                 with torch.no_grad():
                     var = (x - x.mean(0)).pow(2).sum(-1).mean()
@@ -138,7 +152,7 @@ def train_sae(sae: SparseAutoencoder, batches: Iterable[torch.Tensor], cfg: Trai
                            "fvu": float(out.mse / var), "l0": float(out.l0),
                            "sparsity": float(out.sparsity), "aux": float(out.aux),
                            "dead_fraction": float((since_fired >= cfg.dead_after_tokens).float().mean()),
-                           "lr": opt.param_groups[0]["lr"], "seconds": time.time() - t0}
+                           "resampled": resampled, "lr": opt.param_groups[0]["lr"], "seconds": time.time() - t0}
                 history.append(row)
                 if run is not None:
                     run.log(row, step=step)
@@ -156,7 +170,40 @@ def train_sae(sae: SparseAutoencoder, batches: Iterable[torch.Tensor], cfg: Trai
             run.finish()
     core.fold_scale(cfg.input_scale)
     dead_fraction = float((since_fired >= cfg.dead_after_tokens).float().mean())
-    return TrainResult(total_steps, total_steps * batch_size, time.time() - t0, dead_fraction, history)
+    return TrainResult(total_steps, total_steps * batch_size, time.time() - t0, dead_fraction, resampled, history)
+
+
+@torch.no_grad()
+def _resample(sae: SparseAutoencoder, opt, silent: torch.Tensor, x: torch.Tensor, recon: torch.Tensor) -> int:
+    """Point the ``silent`` latents at batch inputs drawn with probability ~ squared reconstruction error.
+
+    Decoder row = unit direction of that input's error; encoder column = the same direction at the mean norm
+    of the live encoder columns (the tied-init scale), encoder bias 0, so the latent fires on inputs like the
+    one it was pointed at. Their Adam moments are zeroed. Returns how many latents were re-initialised.
+    """
+    idx = silent.nonzero().flatten()
+    if idx.numel() == 0:
+        return 0
+    err = (x.to(recon.dtype) - recon).float()
+    weight = err.pow(2).sum(-1)
+    if float(weight.sum()) <= 0:
+        return 0
+    idx = idx[: int((weight > 0).sum())]  # one input per latent, among those with an error
+    picks = torch.multinomial(weight, idx.numel(), replacement=False)
+    direction = err[picks] / err[picks].norm(dim=-1, keepdim=True).clamp(min=1e-8)
+    live = ~silent
+    enc_norm = sae.W_enc[:, live].norm(dim=0).mean() if bool(live.any()) else sae.W_enc.norm(dim=0).mean()
+    sae.W_dec[idx] = (direction * sae.W_dec[live].norm(dim=1).mean()).to(sae.W_dec.dtype) if bool(live.any()) \
+        else direction.to(sae.W_dec.dtype)
+    sae.W_enc[:, idx] = (direction * enc_norm).t().to(sae.W_enc.dtype)
+    sae.b_enc[idx] = 0.0
+    base = getattr(opt, "optimizer", opt)  # accelerate wraps the optimizer
+    for param, sl in ((sae.W_enc, (slice(None), idx)), (sae.W_dec, (idx,)), (sae.b_enc, (idx,))):
+        for moment in ("exp_avg", "exp_avg_sq"):
+            state = base.state.get(param, {})
+            if moment in state:
+                state[moment][sl] = 0.0
+    return int(idx.numel())
 
 
 class _TrainStep(torch.nn.Module):
