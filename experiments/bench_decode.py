@@ -40,22 +40,31 @@ def _prefix_equal(ours: list[int], hf: list[int], eos: int) -> bool:
 
 
 def matmul_floor_ms(backend, batch: int, repeats: int = 20) -> float:
-    """Median time of one decode step's weight matmuls alone (the packed matrices, ``[batch, d] @ W``).
+    """Median time of one decode step's weight matmuls alone, the faster of two ways per step: BLAS
+    (``torch.mm`` on ``[d_in, d_out]`` copies, preallocated outputs, as the fused loop writes) and the native
+    skinny kernel on the packed ``[d_out, d_in]`` weights (when built).
 
-    On CPU a small model's decode step is bound by reading the weights, so this is the time no forward
+    On CPU a small model's decode step is bound by reading the weights, so this is about the time no forward
     with these fp32 weights can beat; ``HF time / floor`` bounds the reachable speed-up.
     """
-    mats = [w for ly in backend.layers for w in (ly.wqkv, ly.wo, ly.wgu, ly.wdown)] + [backend.lm_head]
-    xs = {w.shape[0]: torch.randn(batch, w.shape[0]) for w in mats}
-    outs = [torch.empty(batch, w.shape[1]) for w in mats]  # preallocated, as in the fused decode loop
-    times = []
+    packed = [w for ly in backend.layers for w in (ly.wqkv, ly.wo, ly.wgu, ly.wdown)] + [backend.lm_head]
+    xs = {w.shape[1]: torch.randn(batch, w.shape[1]) for w in packed}
+    ways = {}
+    blas = [w.t().contiguous() for w in packed]
+    outs = [torch.empty(batch, w.shape[0]) for w in packed]
+    ways["blas"] = lambda: [torch.mm(xs[w.shape[0]], w, out=o) for w, o in zip(blas, outs, strict=True)]
+    if backend.native is not None and batch <= backend.SKINNY_MAX_ROWS:
+        ways["skinny"] = lambda: [backend.native.skinny_linear(xs[w.shape[1]], w) for w in packed]
+    best = float("inf")
     with torch.inference_mode():
-        for _ in range(repeats + 3):
-            t0 = time.perf_counter()
-            for w, o in zip(mats, outs, strict=True):
-                torch.mm(xs[w.shape[0]], w, out=o)
-            times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times[3:])
+        for fn in ways.values():
+            times = []
+            for _ in range(repeats + 3):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            best = min(best, statistics.median(times[3:]))
+    return 1000 * best
 
 
 def _cpu_name() -> str:

@@ -105,3 +105,28 @@ def test_engine_takes_a_backend_instance():
     other, _ = build_tiny("llama", seed=1)
     with pytest.raises(ValueError, match="another model"):
         Engine(model, tok, backend=PackedLlamaBackend(other))
+
+
+@pytest.mark.skipif(native.disabled(), reason="DAERT_NO_NATIVE is set")
+@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 13, 16, 17, 40])
+def test_skinny_linear_equals_matmul(rows):
+    """x @ w.T: the skinny kernel (<= 16 rows; 1 row, 6-row blocks, tails in K and N) and ATen beyond."""
+    mod = native.load("packed_llama")
+    g = torch.Generator().manual_seed(rows)
+    for k, n in [(64, 96), (37, 11), (576, 7), (8, 1)]:
+        x, w = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g)
+        torch.testing.assert_close(mod.skinny_linear(x, w), x @ w.T, rtol=1e-5, atol=1e-4)
+    wide = torch.randn(rows, 80, generator=g)
+    w = torch.randn(9, 40, generator=g)
+    torch.testing.assert_close(mod.skinny_linear(wide[:, ::2], w), wide[:, ::2] @ w.T, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.skipif(native.disabled(), reason="DAERT_NO_NATIVE is set")
+def test_skinny_linear_rejects_bad_input():
+    mod = native.load("packed_llama")
+    with pytest.raises(RuntimeError, match="columns"):
+        mod.skinny_linear(torch.zeros(2, 8), torch.zeros(3, 9))
+    with pytest.raises(RuntimeError, match="float32"):
+        mod.skinny_linear(torch.zeros(2, 8, dtype=torch.float64), torch.zeros(3, 8, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="contiguous"):
+        mod.skinny_linear(torch.zeros(2, 8), torch.zeros(8, 3).t())

@@ -46,14 +46,15 @@ class HFBackend:
 @dataclass
 class _Layer:
     norm1: torch.Tensor
-    wqkv: torch.Tensor  # [d, (heads + 2 * kv_heads) * head_dim]
+    # weights in nn.Linear's layout [out, in] (the C++ skinny kernel streams their rows)
+    wqkv: torch.Tensor  # [(heads + 2 * kv_heads) * head_dim, d]
     bqkv: torch.Tensor | None
-    wo: torch.Tensor  # [heads * head_dim, d]
+    wo: torch.Tensor  # [d, heads * head_dim]
     bo: torch.Tensor | None
     norm2: torch.Tensor
-    wgu: torch.Tensor  # [d, 2 * intermediate]
+    wgu: torch.Tensor  # [2 * intermediate, d]
     bgu: torch.Tensor | None
-    wdown: torch.Tensor  # [intermediate, d]
+    wdown: torch.Tensor  # [d, intermediate]
     bdown: torch.Tensor | None
 
 
@@ -82,6 +83,7 @@ class PackedLlamaBackend:
     MODEL_TYPES = ("llama",)
     STATIC_ROPE = ("default", "linear", "llama3", "yarn", "longrope")
     FUSED_MAX_TOKENS = 16  # new tokens per row up to which the native fused loop runs
+    SKINNY_MAX_ROWS = 16  # rows up to which the native LM head runs the skinny kernel (as in the C++ file)
 
     def __init__(self, model, native: bool | None = None):
         """``native``: run the layer loop in the compiled C++ helper (prefill: the same ATen ops, bitwise-equal
@@ -129,18 +131,18 @@ class PackedLlamaBackend:
             a, p = blk.self_attn, blk.mlp
             self.layers.append(_Layer(
                 norm1=blk.input_layernorm.weight,
-                wqkv=torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).t().contiguous(),
+                wqkv=torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
                 bqkv=_cat_bias(a.q_proj, a.k_proj, a.v_proj),
-                wo=a.o_proj.weight.t().contiguous(), bo=a.o_proj.bias,
+                wo=a.o_proj.weight.detach().clone(memory_format=torch.contiguous_format), bo=a.o_proj.bias,
                 norm2=blk.post_attention_layernorm.weight,
-                wgu=torch.cat([p.gate_proj.weight, p.up_proj.weight]).t().contiguous(),
+                wgu=torch.cat([p.gate_proj.weight, p.up_proj.weight]),
                 bgu=_cat_bias(p.gate_proj, p.up_proj),
-                wdown=p.down_proj.weight.t().contiguous(), bdown=p.down_proj.bias,
+                wdown=p.down_proj.weight.detach().clone(memory_format=torch.contiguous_format), bdown=p.down_proj.bias,
             ))
         self.embed = m.model.embed_tokens.weight
         self.final_norm = m.model.norm.weight
         head = m.get_output_embeddings()
-        self.lm_head = head.weight.t().contiguous()
+        self.lm_head = head.weight.detach().contiguous()  # [vocab, d]: the model's own tensor when contiguous
         self.lm_bias = head.bias
         rope = m.model.rotary_emb
         self.inv_freq = rope.inv_freq.float().clone()
@@ -233,24 +235,21 @@ class PackedLlamaBackend:
 
     def qkv(self, ly: _Layer, h: torch.Tensor) -> torch.Tensor:
         """Input norm and the fused q/k/v projection of one layer."""
-        qkv = self._rms(h, ly.norm1) @ ly.wqkv
-        return qkv if ly.bqkv is None else qkv + ly.bqkv
+        return F.linear(self._rms(h, ly.norm1), ly.wqkv, ly.bqkv)
 
     def finish_layer(self, ly: _Layer, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """Output projection + residual, then the SwiGLU MLP + residual. ``attn``: [..., heads * head_dim]."""
-        o = attn @ ly.wo
-        h = h + (o if ly.bo is None else o + ly.bo)
-        gu = self._rms(h, ly.norm2) @ ly.wgu
-        if ly.bgu is not None:
-            gu = gu + ly.bgu
-        g, u = gu.chunk(2, dim=-1)
-        d = (F.silu(g) * u) @ ly.wdown
-        return h + (d if ly.bdown is None else d + ly.bdown)
+        h = h + F.linear(attn, ly.wo, ly.bo)
+        g, u = F.linear(self._rms(h, ly.norm2), ly.wgu, ly.bgu).chunk(2, dim=-1)
+        return h + F.linear(F.silu(g) * u, ly.wdown, ly.bdown)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head."""
-        logits = self._rms(h, self.final_norm) @ self.lm_head
-        return logits if self.lm_bias is None else logits + self.lm_bias
+        x = self._rms(h, self.final_norm)
+        if self.native is not None and self.lm_bias is None and x.numel() // x.shape[-1] <= self.SKINNY_MAX_ROWS:
+            # a few rows (decode, verification): the C++ kernel reads the [vocab, d] head once for all rows
+            return self.native.skinny_linear(x.reshape(-1, x.shape[-1]), self.lm_head).view(*x.shape[:-1], -1)
+        return F.linear(x, self.lm_head, self.lm_bias)
 
     def reorder(self, cache: KVCache, index: torch.Tensor) -> None:
         cache.k.copy_(cache.k.index_select(1, index))

@@ -2,10 +2,14 @@
 //
 // layers_forward: any number of new tokens. The same ATen ops, in the same order, as PackedLlamaBackend's
 //   Python loop, so results are bitwise equal, without Python's per-op overhead.
-// decode_layers: a few new tokens per row (decode steps, speculative verification). Only the four weight
-//   matmuls go through ATen (into preallocated buffers; the two residual adds are folded into addmm_);
-//   RMSNorm, RoPE, the KV-cache write, attention over the cached keys and SiLU*up are plain loops. Same
-//   math, other summation order: equal to the Python loop within float rounding (tested), not bitwise.
+// decode_layers: a few new tokens per row (decode steps, speculative verification). Up to SKINNY_MAX_ROWS
+//   rows in all, the four weight matmuls run in skinny_linear below (each weight read once for all rows);
+//   more rows go through ATen (into preallocated buffers, residual adds folded into addmm_). RMSNorm, RoPE,
+//   the KV-cache write, attention over the cached keys and SiLU*up are plain loops. Same math, other
+//   summation order: equal to the Python loop within float rounding (tested), not bitwise.
+// skinny_linear: x @ w.T for a few rows of x, exposed for the LM head.
+//
+// Weights are in nn.Linear's layout, [out_features, in_features], contiguous.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -43,7 +47,7 @@ Tensor layers_forward(Tensor h, const std::vector<Tensor>& norm1, const std::vec
   TORCH_CHECK(end <= cache_k.size(3), "KV cache overflow");
   const double scale = std::pow(static_cast<double>(D), -0.5);
   for (size_t i = 0; i < n; ++i) {
-    Tensor qkv = at::matmul(rms(h, norm1[i], eps), wqkv[i]);
+    Tensor qkv = at::linear(rms(h, norm1[i], eps), wqkv[i]);
     Tensor qk = qkv.narrow(-1, 0, (H + KV) * D).view({B, T, H + KV, D}).transpose(1, 2);
     qk = qk * cos + qk.roll({half}, {-1}) * sin;
     Tensor ck = cache_k.select(0, i), cv = cache_v.select(0, i);
@@ -51,10 +55,10 @@ Tensor layers_forward(Tensor h, const std::vector<Tensor>& norm1, const std::vec
     cv.narrow(2, start, T).copy_(qkv.narrow(-1, (H + KV) * D, KV * D).view({B, T, KV, D}).transpose(1, 2));
     Tensor o = at::scaled_dot_product_attention(qk.narrow(1, 0, H), ck.narrow(2, 0, end), cv.narrow(2, 0, end),
                                                 attn_mask, 0.0, false, scale, H != KV);
-    h = h + at::matmul(o.transpose(1, 2).reshape({B, T, H * D}), wo[i]);
-    Tensor gu = at::matmul(rms(h, norm2[i], eps), wgu[i]);
+    h = h + at::linear(o.transpose(1, 2).reshape({B, T, H * D}), wo[i]);
+    Tensor gu = at::linear(rms(h, norm2[i], eps), wgu[i]);
     const int64_t m = gu.size(-1) / 2;
-    h = h + at::matmul(at::silu(gu.narrow(-1, 0, m)) * gu.narrow(-1, m, m), wdown[i]);
+    h = h + at::linear(at::silu(gu.narrow(-1, 0, m)) * gu.narrow(-1, m, m), wdown[i]);
   }
   return h;
 }
@@ -69,6 +73,127 @@ static inline float dot(const float* a, const float* b, int64_t n) {
   for (; i < n; ++i) s += a[i] * b[i];
   for (int j = 0; j < 16; ++j) s += acc[j];
   return s;
+}
+
+// --- skinny_linear: out[m, n] (+)= sum_k x[m, k] * w[n, k] for a few rows m -----------------------------
+// BLAS time for [M, K] @ W grows about linearly with M for small M on CPUs measured here (M = 3: 2x M = 1),
+// although the step is memory-bound: each weight row should be read once for all M rows. This kernel streams
+// the weight rows (contiguous) and keeps the M input rows in L1. GCC vector extensions: AVX2 / AVX-512 / NEON.
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v8u __attribute__((vector_size(32), aligned(4), may_alias));  // unaligned loads and stores
+constexpr int64_t SKINNY_MAX_ROWS = 16;
+
+static inline float hsum(v8 v) {
+  float s = 0.f;
+  for (int i = 0; i < 8; ++i) s += v[i];
+  return s;
+}
+
+static inline float tail_dot(const float* a, const float* b, int64_t k0, int64_t K) {
+  float s = 0.f;
+  for (int64_t k = k0; k < K; ++k) s += a[k] * b[k];
+  return s;
+}
+
+// MR rows of x against weight rows w0 and w1 (w1 may equal w0 for an odd last row; then only o[0] is written)
+template <int MR>
+static inline void dot_rows(const float* x, int64_t K, const float* w0, const float* w1, float* o, int64_t ldo,
+                            bool two, bool acc) {
+  v8 a[MR], b[MR];
+  for (int m = 0; m < MR; ++m) a[m] = b[m] = v8{};
+  const int64_t K8 = K - K % 8;
+  for (int64_t k = 0; k < K8; k += 8) {
+    const v8 p = *(const v8u*)(w0 + k), q = *(const v8u*)(w1 + k);
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) {
+      const v8 xv = *(const v8u*)(x + m * K + k);
+      a[m] += xv * p;
+      b[m] += xv * q;
+    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    const float* xm = x + m * K;
+    const float s0 = hsum(a[m]) + tail_dot(xm, w0, K8, K), s1 = hsum(b[m]) + tail_dot(xm, w1, K8, K);
+    float* om = o + m * ldo;
+    om[0] = acc ? om[0] + s0 : s0;
+    if (two) om[1] = acc ? om[1] + s1 : s1;
+  }
+}
+
+// one row of x against four weight rows: four independent streams (the M = 1 decode step)
+static inline void dot_one_row4(const float* x, int64_t K, const float* w, float* o, bool acc) {
+  v8 a0 = v8{}, a1 = v8{}, a2 = v8{}, a3 = v8{};
+  const float *w1 = w + K, *w2 = w + 2 * K, *w3 = w + 3 * K;
+  const int64_t K8 = K - K % 8;
+  for (int64_t k = 0; k < K8; k += 8) {
+    const v8 xv = *(const v8u*)(x + k);
+    a0 += xv * *(const v8u*)(w + k);
+    a1 += xv * *(const v8u*)(w1 + k);
+    a2 += xv * *(const v8u*)(w2 + k);
+    a3 += xv * *(const v8u*)(w3 + k);
+  }
+  const float s[4] = {hsum(a0) + tail_dot(x, w, K8, K), hsum(a1) + tail_dot(x, w1, K8, K),
+                      hsum(a2) + tail_dot(x, w2, K8, K), hsum(a3) + tail_dot(x, w3, K8, K)};
+  for (int j = 0; j < 4; ++j) o[j] = acc ? o[j] + s[j] : s[j];
+}
+
+// x [M, K], w [N, K], out [M, N] (row stride ldo), all float32 row-major; weight rows split over threads
+static void skinny(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* out, int64_t ldo, bool acc) {
+  if (M == 1) {
+    at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t lo, int64_t hi) {
+      for (int64_t t = lo; t < hi; ++t) {
+        const int64_t n = 4 * t;
+        if (n + 4 <= N) {
+          dot_one_row4(x, K, w + n * K, out + n, acc);
+        } else {
+          for (int64_t j = n; j < N; ++j) out[j] = (acc ? out[j] : 0.f) + dot(x, w + j * K, K);
+        }
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, (N + 1) / 2, 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t) {
+      const int64_t n = 2 * t;
+      const bool two = n + 1 < N;
+      const float *w0 = w + n * K, *w1 = two ? w0 + K : w0;
+      for (int64_t m0 = 0; m0 < M; m0 += 6) {  // 6 rows x 2 weight rows: 12 accumulators + 2 weight vectors
+        const float* xs = x + m0 * K;
+        float* os = out + m0 * ldo + n;
+        switch (std::min<int64_t>(6, M - m0)) {
+          case 6: dot_rows<6>(xs, K, w0, w1, os, ldo, two, acc); break;
+          case 5: dot_rows<5>(xs, K, w0, w1, os, ldo, two, acc); break;
+          case 4: dot_rows<4>(xs, K, w0, w1, os, ldo, two, acc); break;
+          case 3: dot_rows<3>(xs, K, w0, w1, os, ldo, two, acc); break;
+          case 2: dot_rows<2>(xs, K, w0, w1, os, ldo, two, acc); break;
+          default: dot_rows<1>(xs, K, w0, w1, os, ldo, two, acc);
+        }
+      }
+    }
+  });
+}
+
+// out (+)= x @ w.T: the skinny kernel for up to SKINNY_MAX_ROWS rows, ATen beyond
+static void linear_into(const Tensor& x, const Tensor& w, Tensor& out, bool acc) {
+  const int64_t M = x.size(0);
+  if (M <= SKINNY_MAX_ROWS) {
+    skinny(x.data_ptr<float>(), M, x.size(1), w.data_ptr<float>(), w.size(0), out.data_ptr<float>(), out.size(1), acc);
+  } else if (acc) {
+    out.addmm_(x, w.t());
+  } else {
+    at::mm_out(out, x, w.t());
+  }
+}
+
+Tensor skinny_linear(const Tensor& x, const Tensor& w) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat,
+              "skinny_linear: x [M, K] and w [N, K] must be float32 matrices");
+  TORCH_CHECK(x.size(1) == w.size(1), "skinny_linear: x has ", x.size(1), " columns, w has ", w.size(1));
+  TORCH_CHECK(w.is_contiguous(), "skinny_linear: w must be contiguous");
+  const Tensor xc = x.contiguous();
+  Tensor out = at::empty({x.size(0), w.size(0)}, x.options());
+  linear_into(xc, w, out, false);
+  return out;
 }
 
 static void rms_rows(const float* x, const float* w, float* out, int64_t B, int64_t d, float eps) {
@@ -101,8 +226,11 @@ Tensor decode_layers(const Tensor& h_in, const std::vector<Tensor>& norm1, const
               "decode_layers: the attention mask must hold B * (cached + T) or B * T * (cached + T) entries");
   for (size_t i = 0; i < norm1.size(); ++i)
     TORCH_CHECK(norm1[i].is_contiguous() && norm2[i].is_contiguous() && norm1[i].numel() == d &&
-                    norm2[i].numel() == d && wqkv[i].size(1) == (H + 2 * KV) * D,
-                "decode_layers: layer ", i, " has unexpected norm or qkv shapes");
+                    norm2[i].numel() == d && wqkv[i].size(0) == (H + 2 * KV) * D && wqkv[i].size(1) == d &&
+                    wqkv[i].is_contiguous() && wo[i].is_contiguous() && wgu[i].is_contiguous() &&
+                    wdown[i].is_contiguous() && wo[i].size(0) == d && wdown[i].size(0) == d &&
+                    wgu[i].size(1) == d && wdown[i].size(1) * 2 == wgu[i].size(0),
+                "decode_layers: layer ", i, " has unexpected or non-contiguous weights");
   const float eps = static_cast<float>(eps_d), scale = 1.f / std::sqrt(static_cast<float>(D));
   const Tensor cos = cos_in.reshape({R, D}).contiguous(), sin = sin_in.reshape({R, D}).contiguous();
   // mask[b, t, key]: a key mask shared by the row's queries is expanded
@@ -111,7 +239,7 @@ Tensor decode_layers(const Tensor& h_in, const std::vector<Tensor>& norm1, const
   Tensor h = h_in.reshape({R, d}).clone();  // the residual stream, updated in place
   Tensor xn = at::empty({R, d}, opts), qkv = at::empty({R, (H + 2 * KV) * D}, opts);
   Tensor q = at::empty({R, H, D}, opts), att = at::empty({R, H * D}, opts);
-  const int64_t I = wgu[0].size(1) / 2;
+  const int64_t I = wgu[0].size(0) / 2;
   Tensor gu = at::empty({R, 2 * I}, opts), act = at::empty({R, I}, opts);
   const float *cs = cos.data_ptr<float>(), *sn = sin.data_ptr<float>();
   const bool* ok = mask.data_ptr<bool>();
@@ -126,7 +254,7 @@ Tensor decode_layers(const Tensor& h_in, const std::vector<Tensor>& norm1, const
     float* ck = cache_k.data_ptr<float>() + i * layer_stride;
     float* cv = cache_v.data_ptr<float>() + i * layer_stride;
     rms_rows(hp, norm1[i].data_ptr<float>(), xp, R, d, eps);
-    at::mm_out(qkv, xn, wqkv[i]);
+    linear_into(xn, wqkv[i], qkv, false);
     // RoPE (rotate-half form with a sign-folded sin) on q and k; k and v go into cache slot start + t
     for (int64_t r = 0; r < R; ++r) {
       const int64_t b = r / T, slot = start + r % T;
@@ -174,15 +302,15 @@ Tensor decode_layers(const Tensor& h_in, const std::vector<Tensor>& norm1, const
         }
       }
     });
-    h.addmm_(att, wo[i]);  // h += attn @ Wo
+    linear_into(att, wo[i], h, true);  // h += attn @ Wo.T
     rms_rows(hp, norm2[i].data_ptr<float>(), xp, R, d, eps);
-    at::mm_out(gu, xn, wgu[i]);
+    linear_into(xn, wgu[i], gu, false);
     for (int64_t r = 0; r < R; ++r) {
       const float *g = gup + r * 2 * I, *u = g + I;
       float* a = actp + r * I;
       for (int64_t e = 0; e < I; ++e) a[e] = g[e] / (1.f + std::exp(-g[e])) * u[e];
     }
-    h.addmm_(act, wdown[i]);  // h += silu(gate) * up @ Wdown
+    linear_into(act, wdown[i], h, true);  // h += silu(gate) * up @ Wdown.T
   }
   return h.view({B, T, d});
 }
@@ -190,4 +318,5 @@ Tensor decode_layers(const Tensor& h_in, const std::vector<Tensor>& norm1, const
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("layers_forward", &layers_forward, "packed Llama decoder layers (ATen ops, bitwise equal to Python)");
   m.def("decode_layers", &decode_layers, "packed Llama decoder layers for a few new tokens per row (fused loops)");
+  m.def("skinny_linear", &skinny_linear, "x @ w.T for a few rows of x, each weight row read once");
 }
