@@ -9,7 +9,9 @@ rebuilds the table and plots. Cells run cheapest first, methods interleaved, so 
 The committed results come from that command (stopped during 4x), then
 ``--x 4 --methods none yarn linear dynamic-ntk --threads 1`` (stopped after linear) and
 ``--x 2 --methods yarn --trials 4 --sink-tokens 0 --ppl-max-x 0`` (8 more YaRN trials), then
-``--x 2 --methods yarn-1.5x --trials 4 --sink-tokens 0 --ppl-max-x 2 --threads 1`` (YaRN with headroom).
+``--x 2 --methods yarn-1.5x --trials 4 --sink-tokens 0 --ppl-max-x 2 --threads 1`` (YaRN with headroom), then
+``--x 4 --methods dynamic-ntk yarn-1.5x yarn none linear --ppl-max-x 4 --sink-tokens 0 --threads 1`` (stopped after
+the 4x passkey cells; running it again adds the 4x perplexities).
 """
 
 from __future__ import annotations
