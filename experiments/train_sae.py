@@ -39,14 +39,16 @@ def main() -> None:
     ap.add_argument("--resample-every", type=int, default=None,
                     help="re-initialise latents silent for --aux-window tokens every this many tokens (off by default)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
-                    help="bfloat16 autocast for the activation forward and the latent-selection matmul")
+    ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                    help="bfloat16 autocast for the activation forward and the latent-selection matmul "
+                         "(default: where the CPU has native bf16, see workbench.cpu.fast_bf16)")
     ap.add_argument("--out", type=Path, default=Path("experiments/results/sae_smollm2.json"))
     ap.add_argument("--dashboard", type=Path, default=Path("experiments/results/sae/dashboard.html"))
     ap.add_argument("--save", type=Path, default=None, help="SAE folder (default: $DAERT_CACHE/saes/<name>)")
     args = ap.parse_args()
 
     import workbench
+    from workbench.cpu import fast_bf16
     from workbench.paths import cache_dir
     from workbench.sae import (
         ActivationStore,
@@ -61,6 +63,8 @@ def main() -> None:
         write_dashboard,
     )
 
+    if args.bf16 is None:
+        args.bf16 = fast_bf16()
     torch.set_num_threads(args.threads)
     model, tok = workbench.load(args.model, device="cpu", progress=False)
     model.eval()
