@@ -55,7 +55,7 @@ def run(args) -> dict:
     from workbench.engine.speculative import SpeculativeConfig
     from workbench.threads import ThreadPolicy
 
-    model, tok = workbench.load(args.model, device=args.device, progress=False)
+    model, tok = workbench.load(args.model, device=args.device, dtype=args.dtype, progress=False)
     eng = Engine(model, tok, threads=ThreadPolicy(args.threads, args.threads))
     plain_cfg = GenerationConfig(max_new_tokens=args.new_tokens)
     spec_cfg = SpeculativeConfig(max_new_tokens=args.new_tokens, proposer="prompt-lookup",
@@ -90,7 +90,9 @@ def run(args) -> dict:
                      "mean_accepted_per_step": accepted / max(1, steps),
                      "tokens_per_target_forward": n_spec / max(1, steps + len(prompts(kind))),
                      "outputs_equal": same})
-    return {"model": args.model, "device": str(model.device), "threads": args.threads,
+    where = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else platform.processor()
+    return {"model": args.model, "device": str(model.device), "device_name": where, "dtype": args.dtype,
+            "threads": args.threads,
             "machine": platform.machine(), "torch": torch.__version__, "new_tokens": args.new_tokens,
             "num_draft": args.num_draft, "max_draft": args.max_draft, "ngram_min": args.ngram_min, "rows": rows}
 
@@ -99,6 +101,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-m", "--model", default="smollm2-135m-instruct")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", help="float32 keeps greedy outputs comparable token for token")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=96)
     ap.add_argument("--num-draft", type=int, default=4)

@@ -69,8 +69,14 @@ def run(args) -> dict:
     torch.set_num_threads(args.threads)
     data = load(args.out)
     data["model"] = args.model
-    model, tok = workbench.load(args.model, device="cpu", progress=False)
-    engine = Engine(model, tok, threads=ThreadPolicy(args.threads, args.threads), prefill_chunk=1024)
+    model, tok = workbench.load(args.model, device=args.device, dtype="float32", progress=False)
+    where = {"device": f"cuda ({torch.cuda.get_device_name()})"} if args.device.startswith("cuda") else {}
+    engines = []  # built on the first passkey cell (perplexity-only runs need none)
+
+    def engine():
+        if not engines:
+            engines.append(Engine(model, tok, threads=ThreadPolicy(args.threads, args.threads), prefill_chunk=1024))
+        return engines[0]
     done_pk = {(r["method"], r["x"], r["depth"], r["trial"]) for r in data["passkey"]}
     done_ppl = {(r["method"], r["x"]) for r in data["ppl"]}
     done_sink = {r["n_sink"] for r in data["sinks"]}
@@ -91,9 +97,9 @@ def run(args) -> dict:
                         continue
                     rng = random.Random(f"{x}-{depth}-{trial}")  # same key and prompt for every method
                     t0 = time.time()
-                    res = with_method(method, x, lambda rng=rng, x=x, depth=depth: passkey_trial(engine, NATIVE * x - 16, depth, rng))
+                    res = with_method(method, x, lambda rng=rng, x=x, depth=depth: passkey_trial(engine(), NATIVE * x - 16, depth, rng))
                     row = {"method": method, "x": x, "depth": depth, "trial": trial, "seconds": time.time() - t0,
-                           **res.to_dict()}
+                           **res.to_dict(), **where}
                     data["passkey"].append(row)
                     save(args.out, data)
                     print(f"passkey {method:>11} {x}x depth {depth:.1f} trial {trial}: {res.correct} "
@@ -105,7 +111,7 @@ def run(args) -> dict:
                     continue
                 t0 = time.time()
                 res = with_method(method, x, lambda windows=windows: length_ppl(model, windows, bucket=1024))
-                data["ppl"].append({"method": method, "x": x, "seconds": time.time() - t0, **res.to_dict()})
+                data["ppl"].append({"method": method, "x": x, "seconds": time.time() - t0, **res.to_dict(), **where})
                 save(args.out, data)
                 print(f"ppl {method:>11} {x}x: {res.ppl:.2f} buckets {[round(b, 2) for b in res.bucket_nll]}",
                       flush=True)
@@ -190,6 +196,7 @@ def main() -> None:
     ap.add_argument("--sink-tokens", type=int, default=16384, help="tokens streamed for sinks vs window (0: skip)")
     ap.add_argument("--sink-window", type=int, default=2048, help="cache capacity for the streaming runs")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]; the model runs in float32 on either")
     ap.add_argument("--out", type=Path, default=Path("experiments/results/context_extension.json"))
     ap.add_argument("--plots", type=Path, default=Path("experiments/results/context_extension"))
     ap.add_argument("--report", action="store_true", help="only print the table and write the plots")

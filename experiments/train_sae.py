@@ -39,9 +39,10 @@ def main() -> None:
     ap.add_argument("--resample-every", type=int, default=None,
                     help="re-initialise latents silent for --aux-window tokens every this many tokens (off by default)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]: where the model and the SAE run")
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                     help="bfloat16 autocast for the activation forward and the latent-selection matmul "
-                         "(default: where the CPU has native bf16, see workbench.cpu.fast_bf16)")
+                         "(default: on CUDA, and on a CPU with native bf16, see workbench.cpu.fast_bf16)")
     ap.add_argument("--out", type=Path, default=Path("experiments/results/sae_smollm2.json"))
     ap.add_argument("--dashboard", type=Path, default=Path("experiments/results/sae/dashboard.html"))
     ap.add_argument("--save", type=Path, default=None, help="SAE folder (default: $DAERT_CACHE/saes/<name>)")
@@ -64,9 +65,9 @@ def main() -> None:
     )
 
     if args.bf16 is None:
-        args.bf16 = fast_bf16()
+        args.bf16 = args.device.startswith("cuda") or fast_bf16()
     torch.set_num_threads(args.threads)
-    model, tok = workbench.load(args.model, device="cpu", progress=False)
+    model, tok = workbench.load(args.model, device=args.device, dtype="float32", progress=False)
     model.eval()
     d = model.config.hidden_size
     store = ActivationStore(model, tok, StoreConfig(
@@ -75,7 +76,7 @@ def main() -> None:
     eval_windows = store.eval_windows(args.eval_windows)
     scale = store.norm_scale()
     cfg = SAEConfig(d, args.expansion * d, "topk", k=args.k, hook_name=args.hook, model_name=args.model)
-    sae = SparseAutoencoder(cfg)
+    sae = SparseAutoencoder(cfg).to(args.device)
     tcfg = TrainConfig(total_tokens=args.tokens, lr=args.lr, input_scale=scale, dead_after_tokens=args.dead_window,
                        aux_after_tokens=args.aux_window, resample_every_tokens=args.resample_every,
                        matmul_dtype="bfloat16" if args.bf16 else None, log_every=20)

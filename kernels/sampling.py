@@ -135,7 +135,7 @@ def _kernel():
         floor = tl.where(min_p > 0, ms + tl.log(min_p), -inf)
         pivot = -inf
         result = gidx
-        done = (temp <= 0) | (bad > 0) | (m == -inf)
+        done = ((temp <= 0) | (bad > 0) | (m == -inf)).to(tl.int32)  # int32: the loop reassigns it
         for r in range(ROUNDS):
             if done == 0:
                 u = tl.rand(seed, offset * ROUNDS + r)

@@ -1,6 +1,7 @@
 """The decode loop: exact greedy equality with HF generate, batching, stops, streaming, seeds."""
 
 import pytest
+import torch
 
 from workbench.engine import Engine, GenerationConfig, SamplingParams
 from workbench.models.tiny import build_tiny
@@ -205,6 +206,37 @@ def test_packed_backend_rejects_other_architectures():
     with pytest.raises(ValueError, match="packed-llama.*model_type 'gpt2'"):
         Engine(model, tok, backend="packed-llama")
     assert Engine(model, tok).backend.name == "hf"  # auto falls back
+
+
+def test_hf_backend_passes_the_cache_under_the_forwards_own_name():
+    # transformers 5.x renamed past_key_values to cache; a forward that swallows **kwargs would silently
+    # ignore the wrong name (each decode step then sees only its new token).
+    from workbench.engine.backends import cache_kwarg
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, **kwargs):
+            return kwargs
+
+    class New(torch.nn.Module):
+        def forward(self, input_ids=None, cache=None, **kwargs):
+            return kwargs
+
+    assert cache_kwarg(Old()) == "past_key_values"
+    assert cache_kwarg(New()) == "cache"
+    with pytest.raises(TypeError, match="neither"):
+        cache_kwarg(torch.nn.Linear(2, 2))
+    model, _ = build_tiny("llama")
+    assert cache_kwarg(model) in ("cache", "past_key_values")
+
+
+def test_packed_backend_only_for_cpu_weights():
+    # A GPU model must get the HF backend under "auto" (the C++ backend reads host memory); the meta device
+    # stands in for CUDA on a machine without one.
+    from workbench.engine.backends import PackedLlamaBackend
+
+    model, _ = build_tiny("llama")
+    assert PackedLlamaBackend.unsupported(model) is None
+    assert "runs on CPU" in PackedLlamaBackend.unsupported(model.to("meta"))
 
 
 def test_chunked_prefill_is_exact(tiny):

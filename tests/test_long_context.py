@@ -93,3 +93,34 @@ def test_experiment_report_writes_plots(tmp_path):
     ce.report(ce.load(tmp_path / "r.json"), tmp_path / "plots")
     assert (tmp_path / "plots" / "passkey.png").stat().st_size > 1000
     assert (tmp_path / "plots" / "ppl_by_position.png").stat().st_size > 1000
+
+
+def test_mha_attention_is_exact_and_restored(tiny_llama):
+    # The repeat-K/V attention (used for float32 long windows on CUDA) must give HF's sdpa result; checked here
+    # on CPU, on a GQA model (4 query / 2 KV heads); the model's attention setting comes back afterwards.
+    from workbench.eval.attention import NAME, mha_attention
+    from workbench.eval.long_context import nll_by_position
+
+    model, _ = tiny_llama
+    assert model.config.num_key_value_heads < model.config.num_attention_heads
+    ids = torch.randint(0, model.config.vocab_size, (70,), generator=torch.Generator().manual_seed(1))
+    ref = nll_by_position(model, ids)
+    with mha_attention(model):
+        assert model.config._attn_implementation == NAME
+        got = nll_by_position(model, ids)
+        with torch.no_grad():
+            ref_batch = model(ids[None, :40]).logits
+    assert model.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(ref_batch, model(ids[None, :40]).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_mha_attention_refuses_cached_keys_without_mask(tiny_llama):
+    from workbench.eval.attention import sdpa_mha
+
+    model, _ = tiny_llama
+    attn = model.model.layers[0].self_attn
+    q, kv = torch.randn(1, 4, 3, 16), torch.randn(1, 2, 5, 16)
+    with pytest.raises(ValueError, match="as many keys as queries"):
+        sdpa_mha(attn, q, kv, kv, None)

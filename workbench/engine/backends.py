@@ -10,6 +10,7 @@ never served stale. ``auto`` picks ``packed-llama`` when the model qualifies, el
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -18,11 +19,22 @@ import torch.nn.functional as F
 from workbench.errors import UnknownNameError
 
 
+def cache_kwarg(model) -> str:
+    """The forward's name for the KV cache: transformers renamed ``past_key_values`` to ``cache`` within 5.x,
+    and a model's forward takes unknown keywords silently, so passing the wrong one would drop the cache."""
+    params = inspect.signature(model.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    raise TypeError(f"{type(model).__name__}.forward takes neither 'cache' nor 'past_key_values'")
+
+
 class HFBackend:
     name = "hf"
 
     def __init__(self, model):
         self.model = model
+        self.cache_kwarg = cache_kwarg(model)
 
     def new_cache(self, batch: int, max_len: int):
         from transformers import StaticCache
@@ -32,8 +44,8 @@ class HFBackend:
     def forward(self, ids, mask, positions, cache, all_positions: bool = False) -> torch.Tensor:
         """Run ``ids`` [B, T] (mask: [B, cached + T] key validity) and return the last position's logits
         ``[B, V]`` (or every position's, ``[B, T, V]``, with ``all_positions``)."""
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                         logits_to_keep=0 if all_positions else 1)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         logits_to_keep=0 if all_positions else 1, **{self.cache_kwarg: cache})
         return out.logits if all_positions else out.logits[:, -1]
 
     def reorder(self, cache, index: torch.Tensor) -> None:
@@ -102,6 +114,9 @@ class PackedLlamaBackend:
         cfg = model.config
         if getattr(cfg, "model_type", None) not in cls.MODEL_TYPES:
             return f"model_type {getattr(cfg, 'model_type', None)!r} is not one of {cls.MODEL_TYPES}"
+        device = next(model.parameters()).device
+        if device.type != "cpu":
+            return f"the weights are on {device}; the packed backend runs on CPU"
         rope = getattr(model.model, "rotary_emb", None)
         if rope is None or not hasattr(rope, "inv_freq"):
             return "no rotary embedding with inv_freq found"

@@ -223,7 +223,7 @@ class Engine:
 
             kw = dict(temperature=[p.temperature for p in params], top_k=[p.top_k for p in params],
                       top_p=[p.top_p for p in params], min_p=[p.min_p for p in params],
-                      seeds=[int(torch.randint(0, 2**62, (), generator=g)) for g in gens])
+                      seeds=[int(torch.randint(0, 2**62, (), generator=g, device=g.device)) for g in gens])
 
         with num_threads(self.threads.decode if self.threads else None):
             for t in range(steps):

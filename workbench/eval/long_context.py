@@ -2,7 +2,8 @@
 
 - :func:`nll_by_position` scores one long window with the model's own forward (logits computed in slices, so
   a 32k-token window never materialises ``[32k, vocab]``); :func:`length_ppl` averages windows per bucket
-  of positions, which shows where a model stops using its context.
+  of positions, which shows where a model stops using its context. In float32 on CUDA, grouped-query models run
+  with :func:`workbench.eval.attention.mha_attention` (PyTorch's GQA path would need O(L^2) memory there).
 - :func:`streaming_nll` does the same through an attention-sink cache (:class:`workbench.context.StreamingLM`).
 - :func:`passkey_trial` hides a random 5-digit key at a given depth of filler text (Mohtashami & Jaggi 2023)
   and checks whether greedy decoding repeats it.
@@ -48,9 +49,14 @@ def nll_by_position(model, ids: torch.Tensor, slice_len: int = 1024) -> torch.Te
     """Next-token NLL of every position of one window ``ids [L]`` -> ``[L - 1]`` (position i predicts i + 1)."""
     if ids.dim() != 1 or ids.numel() < 2:
         raise ValueError("ids must be a 1-D window of at least 2 tokens")
+    from contextlib import nullcontext
+
+    from workbench.eval.attention import mha_attention, needs_mha
+
     device = next(model.parameters()).device
     ids = ids.to(device)
-    hidden = model.get_decoder()(input_ids=ids[None]).last_hidden_state[0]
+    with mha_attention(model) if needs_mha(model) else nullcontext():  # fp32 on CUDA: avoid O(L^2) memory
+        hidden = model.get_decoder()(input_ids=ids[None]).last_hidden_state[0]
     head = _logits_head(model)
     out = []
     for s in range(0, ids.numel() - 1, slice_len):
