@@ -47,14 +47,9 @@ def matmul_floor_ms(backend, batch: int, repeats: int = 20) -> float:
     On CPU a small model's decode step is bound by reading the weights, so this is about the time no forward
     with these fp32 weights can beat; ``HF time / floor`` bounds the reachable speed-up.
     """
-    packed = [w for ly in backend.layers for w in (ly.wqkv, ly.wo, ly.wgu, ly.wdown)] + [backend.lm_head]
-    xs = {w.shape[1]: torch.randn(batch, w.shape[1]) for w in packed}
-    ways = {}
-    blas = [w.t().contiguous() for w in packed]
-    outs = [torch.empty(batch, w.shape[0]) for w in packed]
-    ways["blas"] = lambda: [torch.mm(xs[w.shape[0]], w, out=o) for w, o in zip(blas, outs, strict=True)]
-    if backend.native is not None and batch <= backend.SKINNY_MAX_ROWS:
-        ways["skinny"] = lambda: [backend.native.skinny_linear(xs[w.shape[1]], w) for w in packed]
+    from bench_skinny import weight_matmuls  # experiments/ is the script's folder
+
+    ways = weight_matmuls(backend, batch)
     best = float("inf")
     with torch.inference_mode():
         for fn in ways.values():

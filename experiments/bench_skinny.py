@@ -30,6 +30,33 @@ def time_ms(fn, repeats: int) -> float:
     return 1000 * statistics.median(times)
 
 
+def weight_matmuls(backend, m: int) -> dict:
+    """One forward's weight matmuls for ``m`` rows, each way available: ``blas`` (``torch.mm`` on
+    ``[d_in, d_out]`` copies into preallocated outputs) and ``skinny`` (the native kernel on the packed
+    ``[d_out, d_in]`` weights, when built and ``m`` is within its row limit). Values: zero-argument callables."""
+    packed = [w for ly in backend.layers for w in (ly.wqkv, ly.wo, ly.wgu, ly.wdown)] + [backend.lm_head]
+    xs = {w.shape[1]: torch.randn(m, w.shape[1]) for w in packed}
+    blas = [w.t().contiguous() for w in packed]
+    outs = [torch.empty(m, w.shape[1]) for w in blas]
+
+    def run_blas():
+        for w, o in zip(blas, outs, strict=True):
+            torch.mm(xs[w.shape[0]], w, out=o)
+
+    ways = {"blas": run_blas}
+    if backend.native is not None and m <= backend.SKINNY_MAX_ROWS:
+        head = packed[-1]  # the kernel's result is checked on the LM head before it is timed
+        x = xs[head.shape[1]]
+        torch.testing.assert_close(backend.native.skinny_linear(x, head), x @ head.T, rtol=1e-4, atol=1e-3)
+
+        def run_skinny():
+            for w in packed:
+                backend.native.skinny_linear(xs[w.shape[1]], w)
+
+        ways["skinny"] = run_skinny
+    return ways
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-m", "--model", default="smollm2-135m-instruct")
@@ -44,28 +71,14 @@ def main() -> None:
 
     model, _ = workbench.load(args.model, device="cpu", progress=False)
     backend = PackedLlamaBackend(model, native=True)
-    packed = [w for ly in backend.layers for w in (ly.wqkv, ly.wo, ly.wgu, ly.wdown)] + [backend.lm_head]
-    blas = [w.t().contiguous() for w in packed]
     rows = []
     print(f"{'threads':>7} {'rows':>4} {'BLAS ms':>8} {'skinny ms':>9} {'speed-up':>8}")
     with torch.inference_mode():
         for threads in args.threads:
             torch.set_num_threads(threads)
             for m in args.rows:
-                xs = {w.shape[1]: torch.randn(m, w.shape[1]) for w in packed}
-                outs = [torch.empty(m, w.shape[1]) for w in blas]
-                head = packed[-1]  # the kernel's result is checked on the LM head before timing
-                x = xs[head.shape[1]]
-                torch.testing.assert_close(backend.native.skinny_linear(x, head), x @ head.T, rtol=1e-4, atol=1e-3)
-                def run_blas(xs=xs, outs=outs):
-                    for w, o in zip(blas, outs, strict=True):
-                        torch.mm(xs[w.shape[0]], w, out=o)
-
-                def run_skinny(xs=xs):
-                    for w in packed:
-                        backend.native.skinny_linear(xs[w.shape[1]], w)
-
-                t_blas, t_sk = time_ms(run_blas, args.repeats), time_ms(run_skinny, args.repeats)
+                ways = weight_matmuls(backend, m)
+                t_blas, t_sk = time_ms(ways["blas"], args.repeats), time_ms(ways["skinny"], args.repeats)
                 rows.append({"threads": threads, "rows": m, "blas_ms": t_blas, "skinny_ms": t_sk,
                              "speedup": t_blas / t_sk})
                 print(f"{threads:>7} {m:>4} {t_blas:>8.1f} {t_sk:>9.1f} {t_blas / t_sk:>8.2f}", flush=True)

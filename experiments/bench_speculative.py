@@ -6,7 +6,9 @@ interleaved (plain, speculative, plain, ...); outputs are checked token-for-toke
 Prints a table and writes JSON. Targets: >= 2x on grounded prompts, no more than 5% slower on open-ended.
 
     .venv/bin/python experiments/bench_speculative.py --new-tokens 64 --repeats 2 \
-        --json experiments/results/bench_speculative.json   # the committed results
+        --json experiments/results/bench_speculative.json   # the committed CPU results
+    python experiments/bench_speculative.py --device cuda --new-tokens 64 --repeats 2 \
+        --json experiments/results/bench_speculative_h100.json   # the committed H100 results
 """
 
 from __future__ import annotations

@@ -11,7 +11,11 @@ The committed results come from that command (stopped during 4x), then
 ``--x 2 --methods yarn --trials 4 --sink-tokens 0 --ppl-max-x 0`` (8 more YaRN trials), then
 ``--x 2 --methods yarn-1.5x --trials 4 --sink-tokens 0 --ppl-max-x 2 --threads 1`` (YaRN with headroom), then
 ``--x 4 --methods dynamic-ntk yarn-1.5x yarn none linear --ppl-max-x 4 --sink-tokens 0 --threads 1`` (stopped after
-the 4x passkey cells; running it again adds the 4x perplexities).
+the 4x passkey cells), then on an H100 ``--device cuda`` with that same command (the 4x perplexities) and with
+``--x 4 --methods dynamic-ntk yarn-1.5x yarn none linear --trials-4x 2 --depths-4x 0.2 0.5 0.8 --ppl-max-x 0
+--sink-tokens 0`` (5 more 4x passkey trials per method). The 1x / 2x perplexities recomputed on the H100
+(``--device cuda --x 1 2 --trials 0 --methods none linear dynamic-ntk yarn yarn-1.5x --ppl-max-x 2 --sink-tokens 0``
+into a separate file) are in ``context_extension_cuda_check.json``. Rows computed on a GPU carry a ``device`` field.
 """
 
 from __future__ import annotations

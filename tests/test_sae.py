@@ -172,6 +172,20 @@ def test_resampling_revives_silenced_latents():
     assert len(set(late)) == 1
 
 
+def test_resample_when_every_latent_is_silent_scales_by_all_latents():
+    from workbench.sae.train import _resample
+
+    sae = SparseAutoencoder(SAEConfig(8, 6, "relu"), seed=0)  # relu: decoder rows are not unit norm
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.arange(1, 7, dtype=torch.float32)[:, None])
+    dec_norm, enc_norm = sae.W_dec.norm(dim=1).mean(), sae.W_enc.norm(dim=0).mean()
+    x = torch.randn(6, 8)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
+    assert _resample(sae, opt, torch.ones(6, dtype=torch.bool), x, torch.zeros_like(x)) == 6
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), dec_norm.expand(6))
+    torch.testing.assert_close(sae.W_enc.norm(dim=0), enc_norm.expand(6))
+
+
 def test_resample_points_latents_at_badly_reconstructed_inputs():
     from workbench.sae.train import _resample
 

@@ -19,14 +19,10 @@ def _cpu_tag() -> str:
     """Short hash of this CPU's instruction-set flags. The helpers are built with ``-march=native`` and torch's
     cache key does not include the CPU, so the tag keeps a home directory shared by different machines from
     loading a binary built for another instruction set."""
-    ident = platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):  # x86 / ARM
-                ident += line
-                break
-    except OSError:
-        ident += platform.processor()
+    from workbench.cpu import cpu_flags
+
+    flags = cpu_flags()
+    ident = platform.machine() + (" ".join(sorted(flags)) if flags else platform.processor())
     return hashlib.sha1(ident.encode()).hexdigest()[:8]
 
 

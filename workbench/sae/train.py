@@ -192,9 +192,9 @@ def _resample(sae: SparseAutoencoder, opt, silent: torch.Tensor, x: torch.Tensor
     picks = torch.multinomial(weight, idx.numel(), replacement=False)
     direction = err[picks] / err[picks].norm(dim=-1, keepdim=True).clamp(min=1e-8)
     live = ~silent
-    enc_norm = sae.W_enc[:, live].norm(dim=0).mean() if bool(live.any()) else sae.W_enc.norm(dim=0).mean()
-    sae.W_dec[idx] = (direction * sae.W_dec[live].norm(dim=1).mean()).to(sae.W_dec.dtype) if bool(live.any()) \
-        else direction.to(sae.W_dec.dtype)
+    ref = live if bool(live.any()) else torch.ones_like(live)  # all silent: scale by every latent's norms
+    enc_norm = sae.W_enc[:, ref].norm(dim=0).mean()
+    sae.W_dec[idx] = (direction * sae.W_dec[ref].norm(dim=1).mean()).to(sae.W_dec.dtype)
     sae.W_enc[:, idx] = (direction * enc_norm).t().to(sae.W_enc.dtype)
     sae.b_enc[idx] = 0.0
     base = getattr(opt, "optimizer", opt)  # accelerate wraps the optimizer
