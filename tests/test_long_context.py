@@ -124,3 +124,15 @@ def test_mha_attention_refuses_cached_keys_without_mask(tiny_llama):
     q, kv = torch.randn(1, 4, 3, 16), torch.randn(1, 2, 5, 16)
     with pytest.raises(ValueError, match="as many keys as queries"):
         sdpa_mha(attn, q, kv, kv, None)
+
+
+def test_mha_attention_only_for_plain_gqa_models(tiny_llama):
+    from transformers import Gemma3TextConfig, GPT2Config
+
+    from workbench.eval.attention import needs_mha, plain_gqa
+
+    model, _ = tiny_llama
+    assert plain_gqa(model.config)
+    assert not plain_gqa(Gemma3TextConfig(num_attention_heads=4, num_key_value_heads=1))  # sliding layers
+    assert not plain_gqa(GPT2Config())  # no grouped K/V: sdpa already has a fused float32 kernel
+    assert not needs_mha(model)  # CPU weights

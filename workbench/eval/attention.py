@@ -47,12 +47,20 @@ def _register() -> None:
     AttentionMaskInterface.register(NAME, sdpa_mask)  # same masks as "sdpa" (None for plain causal)
 
 
-def needs_mha(model) -> bool:
-    """True where HF's sdpa would hit the math kernel: float32 weights on CUDA, a GQA model using sdpa."""
-    cfg = model.config
-    p = next(model.parameters())
+def plain_gqa(cfg) -> bool:
+    """A grouped-query model with plain causal attention everywhere (no sliding windows, no soft-capping):
+    what :func:`sdpa_mha` computes exactly."""
     heads, kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    return p.is_cuda and p.dtype == torch.float32 and cfg._attn_implementation == "sdpa" and kv < heads
+    sliding = getattr(cfg, "sliding_window", None) or "sliding_attention" in (getattr(cfg, "layer_types", None) or ())
+    return kv < heads and not sliding and not getattr(cfg, "attn_logit_softcapping", None)
+
+
+def needs_mha(model) -> bool:
+    """True where HF's sdpa would hit the math kernel and :func:`sdpa_mha` is exact: float32 weights on CUDA,
+    a plain GQA model using sdpa. (Sliding-window models keep HF's path.)"""
+    p = next(model.parameters())
+    return (p.is_cuda and p.dtype == torch.float32 and model.config._attn_implementation == "sdpa"
+            and plain_gqa(model.config))
 
 
 @contextmanager
