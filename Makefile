@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Tests that CI runs: everything but slow and GPU tests (the SmolLM2 smoke tests included).
 PYTEST_MARKERS ?= not slow and not gpu
 
-.PHONY: setup demo test test-all lint
+.PHONY: setup demo test test-all test-gpu lint
 
 setup:
 	DAERT_VENV=$(VENV) bash scripts/setup.sh
@@ -19,6 +19,11 @@ test: setup
 
 test-all: setup
 	$(VENV)/bin/pytest -m "not gpu"
+
+# On a CUDA machine: the GPU tests, every kernel test on CUDA, then the kernel benchmark (prints a table).
+test-gpu: setup
+	$(VENV)/bin/pytest tests/test_gpu.py tests/test_kernels.py
+	$(PY) experiments/bench_kernels.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

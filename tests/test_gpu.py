@@ -1,5 +1,5 @@
 """The engine, evaluation and SAE paths on a CUDA device (skipped without one; run on a GPU machine with
-``pytest -m gpu``). References are the same computations on CPU or HF generate on the same device."""
+``make test-gpu``). References are the same computations on CPU or HF generate on the same device."""
 
 import pytest
 import torch
