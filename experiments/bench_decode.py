@@ -22,6 +22,7 @@ import torch
 
 import workbench
 from workbench.chat import prompt_ids
+from workbench.cpu import cpu_name
 from workbench.engine import Engine, GenerationConfig
 from workbench.engine.backends import PackedLlamaBackend
 from workbench.threads import ThreadPolicy, num_threads
@@ -47,29 +48,10 @@ def matmul_floor_ms(backend, batch: int, repeats: int = 20) -> float:
     On CPU a small model's decode step is bound by reading the weights, so this is about the time no forward
     with these fp32 weights can beat; ``HF time / floor`` bounds the reachable speed-up.
     """
-    from bench_skinny import weight_matmuls  # experiments/ is the script's folder
+    from bench_skinny import time_ms, weight_matmuls  # experiments/ is the script's folder
 
-    ways = weight_matmuls(backend, batch)
-    best = float("inf")
     with torch.inference_mode():
-        for fn in ways.values():
-            times = []
-            for _ in range(repeats + 3):
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-            best = min(best, statistics.median(times[3:]))
-    return 1000 * best
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+        return min(time_ms(fn, repeats, warmup=3) for fn in weight_matmuls(backend, batch).values())
 
 
 def run(args) -> dict:
@@ -119,7 +101,7 @@ def run(args) -> dict:
                 row["ratio_bound"] = (med["hf"] / args.new_tokens * 1000) / floor
             rows.append(row)
     return {"model": args.model, "device": str(model.device),
-            "machine": f"{platform.machine()} {_cpu_name()} {torch.get_num_threads()} torch threads max",
+            "machine": f"{platform.machine()} {cpu_name()} {torch.get_num_threads()} torch threads max",
             "torch": torch.__version__, "rows": rows}
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -20,8 +19,10 @@ from pathlib import Path
 import torch
 
 
-def time_ms(fn, repeats: int) -> float:
-    fn()
+def time_ms(fn, repeats: int, warmup: int = 1) -> float:
+    """Median wall time of ``fn`` in ms over ``repeats`` calls, after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -67,6 +68,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import workbench
+    from workbench.cpu import cpu_name
     from workbench.engine.backends import PackedLlamaBackend
 
     model, _ = workbench.load(args.model, device="cpu", progress=False)
@@ -84,9 +86,7 @@ def main() -> None:
                 print(f"{threads:>7} {m:>4} {t_blas:>8.1f} {t_sk:>9.1f} {t_blas / t_sk:>8.2f}", flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                    if ln.startswith("model name")), platform.processor())
-        args.json.write_text(json.dumps({"model": args.model, "cpu": cpu, "torch": torch.__version__,
+        args.json.write_text(json.dumps({"model": args.model, "cpu": cpu_name(), "torch": torch.__version__,
                                          "rows": rows}, indent=1) + "\n")
         print(f"wrote {args.json}")
 

@@ -21,6 +21,7 @@ into a separate file) are in ``context_extension_cuda_check.json``. Rows compute
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import time
@@ -75,12 +76,10 @@ def run(args) -> dict:
     data["model"] = args.model
     model, tok = workbench.load(args.model, device=args.device, dtype="float32", progress=False)
     where = {"device": f"cuda ({torch.cuda.get_device_name()})"} if args.device.startswith("cuda") else {}
-    engines = []  # built on the first passkey cell (perplexity-only runs need none)
 
+    @functools.cache  # built on the first passkey cell (perplexity-only runs need none)
     def engine():
-        if not engines:
-            engines.append(Engine(model, tok, threads=ThreadPolicy(args.threads, args.threads), prefill_chunk=1024))
-        return engines[0]
+        return Engine(model, tok, threads=ThreadPolicy(args.threads, args.threads), prefill_chunk=1024)
     done_pk = {(r["method"], r["x"], r["depth"], r["trial"]) for r in data["passkey"]}
     done_ppl = {(r["method"], r["x"]) for r in data["ppl"]}
     done_sink = {r["n_sink"] for r in data["sinks"]}

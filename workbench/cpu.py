@@ -7,15 +7,25 @@ import platform
 from pathlib import Path
 
 
-def cpu_flags() -> set[str]:
-    """The instruction-set flags of /proc/cpuinfo (empty where it cannot be read)."""
+def _cpuinfo(*keys: str) -> str | None:
+    """The value of the first /proc/cpuinfo line starting with one of ``keys`` (None where there is none)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):  # x86 / ARM
-                return set(line.split(":", 1)[1].split())
+            if line.startswith(keys):
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return set()
+    return None
+
+
+def cpu_flags() -> set[str]:
+    """The instruction-set flags of /proc/cpuinfo (empty where it cannot be read)."""
+    return set((_cpuinfo("flags", "Features") or "").split())  # x86 / ARM
+
+
+def cpu_name() -> str:
+    """The CPU's model name, for benchmark records."""
+    return _cpuinfo("model name") or platform.processor() or "unknown CPU"
 
 
 def fast_bf16(flags: set[str] | None = None) -> bool:
