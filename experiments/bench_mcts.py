@@ -33,7 +33,7 @@ CODE = [
 
 
 def tasks():
-    from workbench.engine.mcts import ExactAnswer, UnitTests
+    from workbench.rewards import ExactAnswer, UnitTests
 
     for q, a in ARITH:
         yield "arithmetic", q + " Answer with just the number.", ExactAnswer(a)
@@ -75,12 +75,12 @@ def run(args) -> dict:
                          select="best")
         [m] = eng.generate([ids], cfg, strategy="mcts")
         t3 = time.perf_counter()
-        row.update({"mcts": m.reward, "mcts_simulations": m.simulations, "mcts_forward_tokens": m.forward_tokens,
-                    "mcts_reused_tokens": m.reused_tokens, "mcts_answer": decode(m.token_ids)[:200],
+        row.update({"mcts": m.stats.reward, "mcts_simulations": m.stats.simulations,
+                    "mcts_forward_tokens": m.stats.forward_tokens, "mcts_reused_tokens": m.stats.reused_tokens, "mcts_answer": decode(m.token_ids)[:200],
                     "seconds": {"greedy": t1 - t0, "best_of_n": t2 - t1, "mcts": t3 - t2}})
         rows.append(row)
-        print(f"{family:>10} greedy {row['greedy']:.2f}  best-of-{n} {best:.2f}  mcts {m.reward:.2f} "
-              f"({m.simulations} sims, {m.forward_tokens} fwd, {m.reused_tokens} reused)  {question[:40]!r}",
+        print(f"{family:>10} greedy {row['greedy']:.2f}  best-of-{n} {best:.2f}  mcts {m.stats.reward:.2f} "
+              f"({m.stats.simulations} sims, {m.stats.forward_tokens} fwd, {m.stats.reused_tokens} reused)  {question[:40]!r}",
               flush=True)
     summary = {}
     for fam in ("arithmetic", "code"):

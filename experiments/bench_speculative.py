@@ -85,7 +85,7 @@ def run(args) -> dict:
             t_spec += statistics.median(ts)
             n_plain += len(p.token_ids)
             n_spec += len(s.token_ids)
-            proposed, accepted, steps = proposed + s.proposed, accepted + s.accepted, steps + s.steps
+            proposed, accepted, steps = proposed + s.stats.proposed, accepted + s.stats.accepted, steps + s.stats.steps
         rows.append({"prompts": kind, "n_prompts": len(prompts(kind)), "plain_tok_s": n_plain / t_plain,
                      "spec_tok_s": n_spec / t_spec, "ratio": (n_spec / t_spec) / (n_plain / t_plain),
                      "acceptance_rate": accepted / max(1, proposed),

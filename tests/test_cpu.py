@@ -1,10 +1,11 @@
-"""bfloat16 is chosen only where the CPU runs it natively."""
+"""bfloat16 is chosen only where the CPU runs it natively; physical cores are counted from the topology."""
 
+import os
 import platform
 
 import pytest
 
-from workbench.cpu import cpu_flags, fast_bf16
+from workbench.cpu import count_cores, cpu_flags, fast_bf16, parse_cpuinfo_topology, physical_cores
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 flag names")
@@ -13,3 +14,47 @@ def test_fast_bf16_needs_native_instructions():
     assert fast_bf16({"avx2", "avx512f", "avx512_bf16"})
     assert fast_bf16({"amx_tile", "amx_bf16"})
     assert fast_bf16() == bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+HYPERTHREADED = {0: (0, 0), 1: (0, 1), 2: (0, 0), 3: (0, 1)}  # 2 cores x 2 hyperthreads, Linux numbering
+
+
+def test_count_cores_collapses_hyperthreads():
+    assert count_cores({0, 1, 2, 3}, HYPERTHREADED) == 2
+
+
+def test_count_cores_two_sockets():
+    # core ids repeat across sockets: 2 sockets x 2 cores x 2 hyperthreads
+    topology = {c: (c // 4, c % 2) for c in range(8)}
+    assert count_cores(range(8), topology) == 4
+    assert count_cores({0, 4}, topology) == 2
+
+
+def test_count_cores_affinity_subset():
+    assert count_cores({0, 2}, HYPERTHREADED) == 1  # siblings of one core
+    assert count_cores({0, 1}, HYPERTHREADED) == 2
+
+
+def test_count_cores_without_topology():
+    assert count_cores({0, 1, 2}, {}) == 3
+    assert count_cores({0, 1, 2, 3}, {0: (0, 0), 2: (0, 0)}) == 3  # CPUs 1 and 3 unknown: a core each
+    assert count_cores(set(), {}) == 1
+
+
+def test_parse_cpuinfo_topology():
+    blocks = [f"processor\t: {c}\nvendor_id\t: X\nphysical id\t: {p}\ncore id\t\t: {k}\n"
+              for c, (p, k) in HYPERTHREADED.items()]
+    text = "\n".join(blocks) + "\nprocessor\t: 4\nmodel name\t: no topology\n"
+    assert parse_cpuinfo_topology(text) == HYPERTHREADED
+    assert parse_cpuinfo_topology("processor\t: 0\nFeatures\t: fp asimd\n") == {}
+
+
+def test_physical_cores(monkeypatch):
+    import workbench.cpu as cpu
+
+    assert 1 <= physical_cores() <= (os.cpu_count() or 1)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(cpu, "_read_topology", lambda cpus: {c: HYPERTHREADED[c] for c in cpus})
+    assert physical_cores() == 2
+    monkeypatch.setattr(cpu, "_read_topology", lambda cpus: {})
+    assert physical_cores() == 4

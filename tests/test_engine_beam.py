@@ -31,13 +31,13 @@ def hf_beam(model, tok, prompts, cfg: BeamConfig, eos):
 def check_equal(results, ref, cfg, pad):
     seqs, scores = ref
     for b, res in enumerate(results):
-        assert len(res.hypotheses) == cfg.num_return_sequences
-        for k, hyp in enumerate(res.hypotheses):
+        assert len(res.stats.hypotheses) == cfg.num_return_sequences
+        for k, hyp in enumerate(res.stats.hypotheses):
             row, score = seqs[b * cfg.num_return_sequences + k], scores[b * cfg.num_return_sequences + k]
             ours = hyp.token_ids + ([row[len(hyp.token_ids)]] if hyp.finish_reason == "eos" else [])
             assert ours + [pad] * (len(row) - len(ours)) == row
             assert hyp.score == pytest.approx(score, abs=1e-4)
-        assert [h.score for h in res.hypotheses] == sorted((h.score for h in res.hypotheses), reverse=True)
+        assert [h.score for h in res.stats.hypotheses] == sorted((h.score for h in res.stats.hypotheses), reverse=True)
 
 
 CONFIGS = [
@@ -72,7 +72,7 @@ def test_beam_equals_hf_with_two_eos(eos_tiny, cfg):
     model, tok, eng, eos = eos_tiny
     cfg = BeamConfig(**{**cfg.__dict__, "eos_token_ids": eos})
     results = eng.generate(PROMPTS, cfg, strategy="beam")
-    reasons = {h.finish_reason for r in results for h in r.hypotheses}
+    reasons = {h.finish_reason for r in results for h in r.stats.hypotheses}
     assert "eos" in reasons
     check_equal(results, hf_beam(model, tok, PROMPTS, cfg, eos), cfg, tok.pad_token_id)
 

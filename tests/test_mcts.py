@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from workbench.engine import Engine
-from workbench.engine.mcts import MCTS, EngineLM, ExactAnswer, MCTSConfig, UnitTests, mcts_generate
+from workbench.engine.mcts import MCTS, EngineLM, MCTSConfig, mcts_generate
+from workbench.rewards import ExactAnswer, UnitTests
 from workbench.models.tiny import build_tiny
 
 EOS = 3
@@ -74,8 +75,9 @@ def test_mcts_on_tiny_model_reports_reuse():
     cfg = MCTSConfig(reward=lambda text, ids: float(text.startswith(target)), simulations=12, max_new_tokens=6,
                      expansion_width=3)
     [res] = Engine(model, tok).generate(["hi"], cfg, strategy="mcts")
-    assert res.simulations == 12 and res.reused_tokens > res.forward_tokens > 0
-    assert res.best_reward == 1.0 and res.nodes > 12
+    st = res.stats
+    assert st.simulations == 12 and st.reused_tokens > st.forward_tokens > 0
+    assert st.best_reward == 1.0 and st.nodes > 12
 
 
 def test_rewards():

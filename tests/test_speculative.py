@@ -28,15 +28,13 @@ def draft():
 def test_greedy_equals_plain_greedy(target, draft, proposer):
     plain = target.generate(PROMPTS, GenerationConfig(max_new_tokens=30, ignore_eos=True))
     draft_arg = {"draft-model": draft, "self-draft": target}.get(proposer)
-    from workbench.engine.strategies import SpeculativeStrategy
-
-    cfg = SpeculativeConfig(max_new_tokens=30, ignore_eos=True,
+    cfg = SpeculativeConfig(max_new_tokens=30, ignore_eos=True, draft=draft_arg,
                             proposer="prompt-lookup" if proposer == "prompt-lookup" else "draft-model")
-    res = SpeculativeStrategy(draft=draft_arg).generate(target, PROMPTS, cfg)
+    res = target.generate(PROMPTS, cfg, strategy="speculative")
     assert [r.token_ids for r in res] == [p.token_ids for p in plain]
-    assert all(r.finish_reason == "length" and 0 <= r.accepted <= r.proposed for r in res)
+    assert all(r.finish_reason == "length" and 0 <= r.stats.accepted <= r.stats.proposed for r in res)
     if proposer == "self-draft":  # a draft identical to the target is always accepted
-        assert all(r.accepted == r.proposed > 0 and r.steps < 10 for r in res)
+        assert all(r.stats.accepted == r.stats.proposed > 0 and r.stats.steps < 10 for r in res)
 
 
 def test_greedy_eos_and_length_per_request(target):
@@ -96,7 +94,6 @@ def near_draft():
 def test_sampled_output_follows_target(proposer, near_draft):
     draft = near_draft
     from workbench.engine.speculative import PROPOSERS, register_proposer
-    from workbench.engine.strategies import SpeculativeStrategy
 
     model, tok = build_tiny("llama")
     eng = Engine(model, tok)
@@ -109,11 +106,11 @@ def test_sampled_output_follows_target(proposer, near_draft):
     register_proposer("fixed-tokens", FixedTokens)
     try:
         cfg = SpeculativeConfig(max_new_tokens=3, ignore_eos=True, proposer=proposer, num_draft=2,
-                                sampling=SamplingParams(temperature=1.0, top_k=k))
-        res = SpeculativeStrategy(draft=draft).generate(eng, [prompt] * N, cfg)
+                                sampling=SamplingParams(temperature=1.0, top_k=k), draft=draft)
+        res = eng.generate([prompt] * N, cfg, strategy="speculative")
     finally:
         PROPOSERS.pop("fixed-tokens")
-    assert sum(r.proposed for r in res) >= N and sum(r.accepted for r in res) > 0  # drafts really verified
+    assert sum(r.stats.proposed for r in res) >= N and sum(r.stats.accepted for r in res) > 0  # drafts really verified
     second = torch.tensor([r.token_ids[1] for r in res])
     dist = exact_second_token_dist(eng, prompt, k)
     support = dist > 0
@@ -132,7 +129,7 @@ def test_bad_configs():
     with pytest.raises(ValueError, match="num_draft"):
         SpeculativeConfig(num_draft=0)
     model, tok = build_tiny("llama")
-    with pytest.raises(ValueError, match="needs draft="):
+    with pytest.raises(ValueError, match=r"needs SpeculativeConfig\(draft="):
         Engine(model, tok).generate(["x"], SpeculativeConfig(proposer="draft-model"), strategy="speculative")
 
 
@@ -151,4 +148,4 @@ def test_smollm2_prompt_lookup_greedy_equals_plain(smollm2, batch):
     plain = eng.generate(ids, GenerationConfig(max_new_tokens=40))
     spec = eng.generate(ids, SpeculativeConfig(max_new_tokens=40), strategy="speculative")
     assert [s.token_ids for s in spec] == [p.token_ids for p in plain]
-    assert spec[0].tokens_per_step > 1.5  # the copy task is accepted in long runs
+    assert spec[0].stats.tokens_per_step > 1.5  # the copy task is accepted in long runs

@@ -1,10 +1,17 @@
 """What this CPU does fast: bfloat16 matmuls need AVX-512-BF16 or AMX on x86; without them torch emulates bf16
-and an autocast forward is several times slower than float32 (seen on an AVX2-only VM)."""
+and an autocast forward is several times slower than float32 (seen on an AVX2-only VM). Also how many physical
+cores this process may run on."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import platform
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def _cpuinfo(*keys: str) -> str | None:
@@ -34,3 +41,57 @@ def fast_bf16(flags: set[str] | None = None) -> bool:
     if platform.machine() in ("aarch64", "arm64"):
         return "bf16" in flags
     return bool({"avx512_bf16", "amx_bf16"} & flags)
+
+
+def count_cores(cpus: Iterable[int], topology: Mapping[int, tuple[int, int]]) -> int:
+    """The number of physical cores among logical ``cpus``, given ``topology``: CPU -> (package id, core id).
+
+    A CPU missing from ``topology`` counts as a core of its own; the result is at least 1.
+    """
+    cpus = set(cpus)
+    cores = {topology[c] for c in cpus if c in topology}
+    return max(1, len(cores) + len(cpus - topology.keys()))
+
+
+def parse_cpuinfo_topology(text: str) -> dict[int, tuple[int, int]]:
+    """CPU -> (physical id, core id) from the text of /proc/cpuinfo (CPUs without both ids are left out)."""
+    topology = {}
+    for block in text.split("\n\n"):
+        fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in block.splitlines() if ":" in line)}
+        try:
+            topology[int(fields["processor"])] = (int(fields["physical id"]), int(fields["core id"]))
+        except (KeyError, ValueError):
+            continue
+    return topology
+
+
+def _read_topology(cpus: set[int]) -> dict[int, tuple[int, int]]:
+    """CPU -> (package id, core id) for ``cpus``, from sysfs, else /proc/cpuinfo (unreadable CPUs left out)."""
+    topology = {}
+    for c in cpus:
+        d = Path(f"/sys/devices/system/cpu/cpu{c}/topology")
+        with contextlib.suppress(OSError, ValueError):
+            topology[c] = (int((d / "physical_package_id").read_text()), int((d / "core_id").read_text()))
+    missing = cpus - topology.keys()
+    if missing:
+        try:
+            info = parse_cpuinfo_topology(Path("/proc/cpuinfo").read_text())
+        except OSError:
+            info = {}
+        topology.update({c: info[c] for c in missing if c in info})
+    return topology
+
+
+def physical_cores() -> int:
+    """The number of physical cores this process may run on: its CPU affinity with hyperthreads collapsed.
+
+    Where the topology cannot be read, the number of logical CPUs it may run on; at least 1.
+    """
+    try:
+        cpus = os.sched_getaffinity(0)
+    except (AttributeError, OSError):  # not Linux
+        cpus = set(range(os.cpu_count() or 1))
+    topology = _read_topology(cpus)
+    if len(topology) < len(cpus):
+        log.debug("CPU topology unknown for %d of %d CPUs; counting them as cores", len(cpus) - len(topology), len(cpus))
+    return count_cores(cpus, topology)

@@ -22,12 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
+from workbench.arch import ARCHITECTURES
 from workbench.errors import UnknownNameError
 
 METHODS = ("none", "linear", "ntk", "dynamic-ntk", "yarn", "llama3")
-# where the rotary embedding lives, by exact model_type (single inv_freq buffer per model)
-ROTARY_PATHS = {"llama": "model.rotary_emb", "mistral": "model.rotary_emb", "qwen2": "model.rotary_emb",
-                "qwen3": "model.rotary_emb"}
 
 
 @dataclass(frozen=True)
@@ -119,13 +117,15 @@ def inv_freq_for(s: RopeScaling, base: float, dim: int, original: int, seq_len: 
 
 
 def rotary_module(model):
-    """The model's rotary-embedding module (exact path by ``model_type``), or a clear error."""
+    """The model's rotary-embedding module (its path from :mod:`workbench.arch`), or a clear error."""
     mtype = getattr(model.config, "model_type", None)
-    if mtype not in ROTARY_PATHS:
-        raise ValueError(f"RoPE scaling supports model types {sorted(ROTARY_PATHS)}, not {mtype!r}")
-    mod = model.get_submodule(ROTARY_PATHS[mtype])
+    spec = ARCHITECTURES.get(mtype)
+    if spec is None or spec.rotary is None or spec.packed is None:
+        ok = sorted(t for t, a in ARCHITECTURES.items() if a.rotary and a.packed)
+        raise ValueError(f"RoPE scaling supports model types {ok}, not {mtype!r}")
+    mod = model.get_submodule(spec.rotary)
     if not hasattr(mod, "inv_freq"):
-        raise ValueError(f"{ROTARY_PATHS[mtype]} has no inv_freq buffer")
+        raise ValueError(f"{spec.rotary} has no inv_freq buffer")
     if getattr(mod, "rope_type", "default") != "default":
         raise ValueError(f"the model already uses rope_type {mod.rope_type!r}; scale a model with plain RoPE")
     return mod

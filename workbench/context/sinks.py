@@ -5,8 +5,10 @@ The cache keeps the first ``n_sink`` tokens (the "sinks" that soak up attention 
 are stored before RoPE and rotated at their current cache slot each step, so the model never sees a position
 beyond ``n_sink + window + chunk``. ``n_sink=0`` gives the plain sliding-window baseline.
 
-Runs on the packed Llama forward (:mod:`workbench.engine.backends`), batch 1. While nothing has been evicted,
-the logits equal the model's own.
+Runs on the packed backend's public layer primitives (:mod:`workbench.engine.backends`: ``rope_tables``,
+``qkv_heads``, ``finish_layer``, ``head``), so every Llama-layout family of :mod:`workbench.arch` works; batch 1.
+While nothing has been evicted, the logits equal the model's own. It runs no hooks or offsets: with hooks
+installed on the model it refuses (use the engine for interventions).
 """
 
 from __future__ import annotations
@@ -58,15 +60,15 @@ class StreamingLM:
         H, KV, D = p.heads, p.kv_heads, p.head_dim
         end = n + T
         slots = torch.arange(end, device=ids.device)
-        cos, sin = p._rope(slots[None], p.dtype)  # cache-relative positions 0..end-1
+        cos, sin = p.rope_tables(slots[None])  # cache-relative positions 0..end-1
         cos, sin = cos[0], sin[0]  # [end, D]
         causal = slots[None, :] <= slots[n:, None]  # [T, end]
         h = F.embedding(ids[None], p.embed)  # [1, T, d]
         for i, ly in enumerate(p.layers):
-            qkv = p.qkv(ly, h)
-            q = qkv[0, :, : H * D].view(T, H, D).transpose(0, 1)
-            self.k[i, :, n:end] = qkv[0, :, H * D: (H + KV) * D].view(T, KV, D).transpose(0, 1)
-            self.v[i, :, n:end] = qkv[0, :, (H + KV) * D:].view(T, KV, D).transpose(0, 1)
+            qk, v = p.qkv_heads(ly, h)  # [1, H + KV, T, D], [1, KV, T, D], before RoPE
+            q = qk[0, :H]
+            self.k[i, :, n:end] = qk[0, H:]
+            self.v[i, :, n:end] = v[0]
             keys = self.k[i, :, :end]
             keys = keys * cos + keys.roll(D // 2, -1) * sin
             q = q * cos[n:] + q.roll(D // 2, -1) * sin[n:]
@@ -91,6 +93,12 @@ class StreamingLM:
         ids = torch.as_tensor(ids, dtype=torch.long, device=self.p.embed.device).flatten()
         if ids.numel() == 0:
             raise ValueError("feed() needs at least one token")
+        from workbench.interp.hooks import foreign_hooks
+
+        hooked = foreign_hooks(self.p.model)
+        if hooked:
+            raise ValueError(f"StreamingLM runs no hooks, and the model has hooks on {hooked[:3]}: remove them, "
+                             "or generate through workbench.engine.Engine, which honours them")
         self.p.refresh()
         outs = []
         for start in range(0, ids.numel(), self.cfg.chunk):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from workbench.arch import ARCHITECTURES, arch_of, get_module
 from workbench.errors import UnknownNameError
 
 
@@ -29,30 +30,70 @@ def cache_kwarg(model) -> str:
     raise TypeError(f"{type(model).__name__}.forward takes neither 'cache' nor 'past_key_values'")
 
 
+class HFCache:
+    """A transformers ``StaticCache`` plus the number of slots filled (the engine's view of it)."""
+
+    def __init__(self, cache, max_len: int):
+        self.cache = cache
+        self.max_len = max_len
+        self.length = 0
+
+
 class HFBackend:
+    """The model's own forward: runs every hook point and every model family; interventions are installed as
+    ``workbench.interp.Hooks`` around each forward and removed afterwards."""
+
     name = "hf"
 
     def __init__(self, model):
         self.model = model
         self.cache_kwarg = cache_kwarg(model)
 
-    def new_cache(self, batch: int, max_len: int):
+    def unsupported_interventions(self, applied) -> str | None:
+        return None
+
+    def new_cache(self, batch: int, max_len: int) -> HFCache:
         from transformers import StaticCache
 
-        return StaticCache(config=self.model.config, max_cache_len=max_len)
+        return HFCache(StaticCache(config=self.model.config, max_cache_len=max_len), max_len)
 
-    def forward(self, ids, mask, positions, cache, all_positions: bool = False) -> torch.Tensor:
+    def forward(self, ids, mask, positions, cache: HFCache, all_positions: bool = False,
+                applied=None) -> torch.Tensor:
         """Run ``ids`` [B, T] (mask: [B, cached + T] key validity) and return the last position's logits
         ``[B, V]`` (or every position's, ``[B, T, V]``, with ``all_positions``)."""
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                         logits_to_keep=0 if all_positions else 1, **{self.cache_kwarg: cache})
+        end = cache.length + ids.shape[1]
+        if end > cache.max_len:
+            raise ValueError(f"KV cache overflow: {end} > {cache.max_len}")
+        pairs = applied.hf_pairs() if applied else []
+        kw = dict(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                  logits_to_keep=0 if all_positions else 1, **{self.cache_kwarg: cache.cache})
+        if pairs:
+            from workbench.interp.hooks import Hooks
+
+            with Hooks(self.model, pairs):
+                out = self.model(**kw)
+        else:
+            out = self.model(**kw)
+        cache.length = end
         return out.logits if all_positions else out.logits[:, -1]
 
-    def reorder(self, cache, index: torch.Tensor) -> None:
+    def reorder(self, cache: HFCache, index: torch.Tensor) -> None:
         """Keep cache rows ``index`` (beam search), in place."""
-        for layer in cache.layers:
-            layer.keys.copy_(layer.keys.index_select(0, index))
-            layer.values.copy_(layer.values.index_select(0, index))
+        for layer in cache.cache.layers:
+            if getattr(layer, "is_initialized", True):
+                layer.keys.copy_(layer.keys.index_select(0, index))
+                layer.values.copy_(layer.values.index_select(0, index))
+
+    def truncate(self, cache: HFCache, length: int) -> None:
+        """Forget slots from ``length`` on (the next forward overwrites them)."""
+        drop = cache.length - length
+        if drop > 0:
+            for layer in cache.cache.layers:
+                if not hasattr(layer, "crop"):
+                    raise NotImplementedError(f"{type(layer).__name__} cannot be truncated")
+                if getattr(layer, "is_initialized", True):
+                    layer.crop(-drop)
+        cache.length = length
 
 
 @dataclass
@@ -68,6 +109,7 @@ class _Layer:
     bgu: torch.Tensor | None
     wdown: torch.Tensor  # [d, intermediate]
     bdown: torch.Tensor | None
+    qk_norm: torch.Tensor | None = None  # [heads + kv_heads, 1, head_dim]: per-head q/k RMSNorm weights (Qwen3)
 
 
 class KVCache:
@@ -88,11 +130,21 @@ def _cat_bias(*mods):
                                                                       device=m.weight.device) for m in mods])
 
 
+# hook points the fused native loop runs between its layers; every other one (but the pattern) takes the
+# Python layer loop
+_NATIVE_KINDS = frozenset({"hook_embed", "hook_resid_pre", "hook_resid_post", "ln_final.hook_normalized"})
+_PACKED_UNSUPPORTED = frozenset({"attn.hook_pattern"})
+
+
 class PackedLlamaBackend:
-    """Lean Llama-family forward on repacked weights (see module docstring)."""
+    """Lean Llama-layout forward on repacked weights (see module docstring).
+
+    Runs every family whose :class:`workbench.arch.ArchSpec` has a ``packed`` layout (Llama, Mistral, Qwen2,
+    Qwen3), or says why not. Its layer primitives (:meth:`rope_tables`, :meth:`qkv_heads`, :meth:`finish_layer`,
+    :meth:`head`) are public for forwards with their own cache policy (attention sinks).
+    """
 
     name = "packed-llama"
-    MODEL_TYPES = ("llama",)
     STATIC_ROPE = ("default", "linear", "llama3", "yarn", "longrope")
     FUSED_MAX_TOKENS = 16  # new tokens per row up to which the native fused loop runs
     SKINNY_MAX_ROWS = 16  # rows up to which the native LM head runs the skinny kernel (as in the C++ file)
@@ -100,11 +152,12 @@ class PackedLlamaBackend:
     def __init__(self, model, native: bool | None = None):
         """``native``: run the layer loop in the compiled C++ helper (prefill: the same ATen ops, bitwise-equal
         results; decode steps: fused loops around the four weight matmuls, equal within float rounding).
-        None = when available (fp32, bias-free layers, helper builds), False = Python."""
+        None = when available (fp32, bias-free layers without q/k norms, helper builds), False = Python."""
         why = self.unsupported(model)
         if why:
             raise ValueError(f"backend 'packed-llama' cannot run this model: {why}")
         self.model = model
+        self.spec = arch_of(model)
         self.native_request = native
         self._fingerprint = None
         self._pack()
@@ -112,14 +165,19 @@ class PackedLlamaBackend:
     @classmethod
     def unsupported(cls, model) -> str | None:
         cfg = model.config
-        if getattr(cfg, "model_type", None) not in cls.MODEL_TYPES:
-            return f"model_type {getattr(cfg, 'model_type', None)!r} is not one of {cls.MODEL_TYPES}"
+        mtype = getattr(cfg, "model_type", None)
+        spec = ARCHITECTURES.get(mtype)
+        if spec is None:
+            return f"model_type {mtype!r} is not in the architecture table ({sorted(ARCHITECTURES)})"
+        if spec.packed is None:
+            return f"model_type {mtype!r}: {spec.packed_refusal}"
         device = next(model.parameters()).device
         if device.type != "cpu":
             return f"the weights are on {device}; the packed backend runs on CPU"
-        rope = getattr(model.model, "rotary_emb", None)
-        if rope is None or not hasattr(rope, "inv_freq"):
+        rope = getattr(get_module(model, spec.rotary), "inv_freq", None) if spec.rotary else None
+        if rope is None:
             return "no rotary embedding with inv_freq found"
+        rope = get_module(model, spec.rotary)
         if getattr(rope, "rope_type", "default") not in cls.STATIC_ROPE:
             return f"rope_type {rope.rope_type!r} changes with sequence length"
         if getattr(rope, "_daert_dynamic_rope", False):
@@ -128,43 +186,68 @@ class PackedLlamaBackend:
             return f"hidden_act {cfg.hidden_act!r} (only silu)"
         if getattr(cfg, "pretraining_tp", 1) != 1:
             return "pretraining_tp != 1"
+        sliding = [t for t in (getattr(cfg, "layer_types", None) or []) if t != "full_attention"]
+        if sliding or (mtype == "mistral" and getattr(cfg, "sliding_window", None) is not None):
+            return "sliding-window attention layers (the packed forward attends to the whole cache)"
+        return None
+
+    def unsupported_interventions(self, applied) -> str | None:
+        """Why this backend cannot run ``applied`` exactly (None: it can)."""
+        if applied is None:
+            return None
+        if applied.foreign:
+            from workbench.engine.interventions import describe
+
+            return (f"torch hooks on {describe(applied.foreign)} that were not installed through "
+                    "workbench.interp.Hooks or Engine.intervene")
+        bad = {n for n in applied.names if n.rsplit(".", 2)[-1] == "hook_pattern"}
+        if bad:
+            from workbench.engine.interventions import describe
+
+            return f"attention patterns ({describe(bad)}) exist only in the model's eager attention"
         return None
 
     def _current_fingerprint(self):
-        tensors = [*self.model.parameters(), self.model.model.rotary_emb.inv_freq]
-        return tuple((t.data_ptr(), t._version) for t in tensors) + (float(self.model.model.rotary_emb.attention_scaling),)
+        rope = get_module(self.model, self.spec.rotary)
+        tensors = [*self.model.parameters(), rope.inv_freq]
+        return tuple((t.data_ptr(), t._version) for t in tensors) + (float(rope.attention_scaling),)
 
     @torch.no_grad()
     def _pack(self) -> None:
-        m, cfg = self.model, self.model.config
+        m, cfg, lay = self.model, self.model.config, self.spec.packed
         self.heads = cfg.num_attention_heads
         self.kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         self.eps = cfg.rms_norm_eps
         self.layers = []
-        for blk in m.model.layers:
-            a, p = blk.self_attn, blk.mlp
+        for blk in get_module(m, self.spec.layers):
+            q, k, v, o = (get_module(blk, p) for p in (lay.q, lay.k, lay.v, lay.o))
+            gate, up, down = (get_module(blk, p) for p in (lay.gate, lay.up, lay.down))
+            qk_norm = None
+            if lay.q_norm:
+                qn, kn = get_module(blk, lay.q_norm).weight, get_module(blk, lay.k_norm).weight
+                qk_norm = torch.cat([qn.expand(self.heads, -1), kn.expand(self.kv_heads, -1)])[:, None]
             self.layers.append(_Layer(
-                norm1=blk.input_layernorm.weight,
-                wqkv=torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
-                bqkv=_cat_bias(a.q_proj, a.k_proj, a.v_proj),
-                wo=a.o_proj.weight.detach().clone(memory_format=torch.contiguous_format), bo=a.o_proj.bias,
-                norm2=blk.post_attention_layernorm.weight,
-                wgu=torch.cat([p.gate_proj.weight, p.up_proj.weight]),
-                bgu=_cat_bias(p.gate_proj, p.up_proj),
-                wdown=p.down_proj.weight.detach().clone(memory_format=torch.contiguous_format), bdown=p.down_proj.bias,
+                norm1=get_module(blk, lay.input_norm).weight,
+                wqkv=torch.cat([q.weight, k.weight, v.weight]), bqkv=_cat_bias(q, k, v),
+                wo=o.weight.detach().clone(memory_format=torch.contiguous_format), bo=o.bias,
+                norm2=get_module(blk, lay.post_norm).weight,
+                wgu=torch.cat([gate.weight, up.weight]), bgu=_cat_bias(gate, up),
+                wdown=down.weight.detach().clone(memory_format=torch.contiguous_format), bdown=down.bias,
+                qk_norm=qk_norm,
             ))
-        self.embed = m.model.embed_tokens.weight
-        self.final_norm = m.model.norm.weight
+        self.embed = get_module(m, self.spec.embed).weight
+        self.final_norm = get_module(m, self.spec.final_norm).weight
         head = m.get_output_embeddings()
         self.lm_head = head.weight.detach().contiguous()  # [vocab, d]: the model's own tensor when contiguous
         self.lm_bias = head.bias
-        rope = m.model.rotary_emb
+        rope = get_module(m, self.spec.rotary)
         self.inv_freq = rope.inv_freq.float().clone()
         self.attention_scaling = float(rope.attention_scaling)
         self.dtype = self.embed.dtype
         self._native_args = tuple([getattr(ly, f) for ly in self.layers]
                                   for f in ("norm1", "wqkv", "wo", "norm2", "wgu", "wdown"))
+        self._native_layer_args = [tuple([a[i]] for a in self._native_args) for i in range(len(self.layers))]
         self.native = self._native_module()
         self._fingerprint = self._current_fingerprint()
 
@@ -173,7 +256,7 @@ class PackedLlamaBackend:
             return None
         biased = any(b is not None for ly in self.layers for b in (ly.bqkv, ly.bo, ly.bgu, ly.bdown))
         why = ("layers have biases" if biased else "weights are not float32" if self.dtype != torch.float32
-               else None)
+               else "layers have q/k norms" if self.layers[0].qk_norm is not None else None)
         from workbench.engine import native
 
         module = None if why else native.load("packed_llama")
@@ -200,22 +283,40 @@ class PackedLlamaBackend:
         xf = x.float()
         return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(self.eps))).to(x.dtype)
 
-    def _rope(self, positions, dtype):
-        """cos and a sign-folded sin: ``rotate_half(x) * sin == roll(x, D/2) * cat(-s, s)`` (bitwise equal)."""
+    def rope_tables(self, positions: torch.Tensor, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and a sign-folded sin for ``positions`` (``[..., T]`` -> ``[..., T, head_dim]``), such that
+        ``x * cos + x.roll(head_dim // 2, -1) * sin`` is RoPE (``rotate_half(x) * sin == roll(x, D/2) * cat(-s,
+        s)``, bitwise equal to HF)."""
+        dtype = dtype or self.dtype
         freqs = positions[..., None].float() * self.inv_freq
         cos = torch.cat((freqs, freqs), dim=-1).cos() * self.attention_scaling
         sin = freqs.sin() * self.attention_scaling
         return cos.to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
 
+    def qkv_heads(self, ly: _Layer, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Input norm, fused q/k/v projection and (Qwen3) per-head q/k norms, before RoPE:
+        ``(qk [B, heads + kv_heads, T, D], v [B, kv_heads, T, D])``."""
+        B, T = h.shape[:2]
+        H, KV, D = self.heads, self.kv_heads, self.head_dim
+        qkv = F.linear(self._rms(h, ly.norm1), ly.wqkv, ly.bqkv)
+        qk = qkv[..., : (H + KV) * D].view(B, T, H + KV, D).transpose(1, 2)
+        if ly.qk_norm is not None:
+            qk = self._rms(qk, ly.qk_norm)
+        return qk, qkv[..., (H + KV) * D:].view(B, T, KV, D).transpose(1, 2)
+
     @torch.no_grad()
-    def forward(self, ids, mask, positions, cache: KVCache, all_positions: bool = False) -> torch.Tensor:
+    def forward(self, ids, mask, positions, cache: KVCache, all_positions: bool = False,
+                applied=None) -> torch.Tensor:
         B, T = ids.shape
         start, end = cache.length, cache.length + T
         if end > cache.max_len:
             raise ValueError(f"KV cache overflow: {end} > {cache.max_len}")
         if mask.shape != (B, end):
             raise ValueError(f"mask must be [B, cached + new] = {(B, end)}, got {tuple(mask.shape)}")
-        H, KV, D = self.heads, self.kv_heads, self.head_dim
+        why = self.unsupported_interventions(applied)
+        if why:
+            raise ValueError(f"backend 'packed-llama' cannot run these interventions: {why}")
+        iv = applied if applied else None
         keys_ok = mask.bool()[:, None, None, :]  # [B, 1, 1, end]
         if T > 1:
             q_slot = torch.arange(start, end, device=ids.device)
@@ -224,33 +325,53 @@ class PackedLlamaBackend:
             attn_mask = (keys_ok & causal) | diag  # padding queries see themselves: no all-masked rows
         else:
             attn_mask = keys_ok
-        cos, sin = self._rope(positions, self.dtype)
+        cos, sin = self.rope_tables(positions, self.dtype)
         cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, D]
-        half = D // 2
         h = F.embedding(ids, self.embed)
-        if self.native is not None:
+        if iv is not None:
+            h = iv.apply("hook_embed", None, "hook_embed", h)
+        if self.native is not None and (iv is None or all(n.split(".")[-1] in _NATIVE_KINDS or n in _NATIVE_KINDS
+                                                           for n in iv.names)):
             # a few new tokens per row (decode, verification): the fused loop; its attention is a plain loop,
             # so longer prefills take the ATen loop (bitwise the Python one) and its blocked SDPA
             run = self.native.decode_layers if T <= self.FUSED_MAX_TOKENS else self.native.layers_forward
-            h = run(h, *self._native_args, cache.k, cache.v, cos, sin, attn_mask, start, H, KV, D, self.eps)
-            cache.length = end
-            return self.head(h if all_positions else h[:, -1])
-        for i, ly in enumerate(self.layers):
-            qkv = self.qkv(ly, h)
-            qk = qkv[..., : (H + KV) * D].view(B, T, H + KV, D).transpose(1, 2)
-            qk = qk * cos + qk.roll(half, -1) * sin  # RoPE on q and k heads at once
-            q, k = qk[:, :H], qk[:, H:]
-            cache.k[i, :, :, start:end] = k
-            cache.v[i, :, :, start:end] = qkv[..., (H + KV) * D:].view(B, T, KV, D).transpose(1, 2)
-            o = F.scaled_dot_product_attention(q, cache.k[i, :, :, :end], cache.v[i, :, :, :end],
-                                               attn_mask=attn_mask, scale=D ** -0.5, enable_gqa=H != KV)
-            h = self.finish_layer(ly, h, o.transpose(1, 2).reshape(B, T, H * D))
+            if iv is None:
+                h = run(h, *self._native_args, cache.k, cache.v, cos, sin, attn_mask, start, self.heads,
+                        self.kv_heads, self.head_dim, self.eps)
+            else:  # one layer per call, the residual offsets and hooks in between
+                for i, args in enumerate(self._native_layer_args):
+                    h = iv.apply(f"blocks.{i}.hook_resid_pre", i, "hook_resid_pre", h)
+                    h = run(h.contiguous(), *args, cache.k[i: i + 1], cache.v[i: i + 1], cos, sin, attn_mask, start,
+                            self.heads, self.kv_heads, self.head_dim, self.eps)
+                    h = iv.apply(f"blocks.{i}.hook_resid_post", i, "hook_resid_post", h)
+        else:
+            for i, ly in enumerate(self.layers):
+                h = self._layer(i, ly, h, cache, start, end, cos, sin, attn_mask, iv)
         cache.length = end
-        return self.head(h if all_positions else h[:, -1])
+        return self.head(h, iv, last_only=not all_positions)
 
-    def qkv(self, ly: _Layer, h: torch.Tensor) -> torch.Tensor:
-        """Input norm and the fused q/k/v projection of one layer."""
-        return F.linear(self._rms(h, ly.norm1), ly.wqkv, ly.bqkv)
+    def _layer(self, i, ly, h, cache, start, end, cos, sin, attn_mask, iv):
+        """One decoder layer of the Python loop; ``iv``: interventions at each of its hook points."""
+        B, T = h.shape[:2]
+        H, KV, D = self.heads, self.kv_heads, self.head_dim
+        at = (lambda kind, x: iv.apply(f"blocks.{i}.{kind}", i, kind, x)) if iv is not None else None
+        if at:
+            h = at("hook_resid_pre", h)
+        qk, v = self.qkv_heads(ly, h)
+        qk = qk * cos + qk.roll(D // 2, -1) * sin  # RoPE on q and k heads at once
+        cache.k[i, :, :, start:end] = qk[:, H:]
+        cache.v[i, :, :, start:end] = v
+        o = F.scaled_dot_product_attention(qk[:, :H], cache.k[i, :, :, :end], cache.v[i, :, :, :end],
+                                           attn_mask=attn_mask, scale=D ** -0.5, enable_gqa=H != KV)
+        o = o.transpose(1, 2)  # [B, T, H, D]
+        if at is None:
+            return self.finish_layer(ly, h, o.reshape(B, T, H * D))
+        o = at("attn.hook_z", o)
+        attn_out = at("hook_attn_out", F.linear(o.reshape(B, T, H * D), ly.wo, ly.bo))
+        h = at("hook_resid_mid", h + attn_out)
+        g, u = F.linear(self._rms(h, ly.norm2), ly.wgu, ly.bgu).chunk(2, dim=-1)
+        mlp_out = at("hook_mlp_out", F.linear(at("mlp.hook_post", F.silu(g) * u), ly.wdown, ly.bdown))
+        return at("hook_resid_post", h + mlp_out)
 
     def finish_layer(self, ly: _Layer, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """Output projection + residual, then the SwiGLU MLP + residual. ``attn``: [..., heads * head_dim]."""
@@ -258,17 +379,29 @@ class PackedLlamaBackend:
         g, u = F.linear(self._rms(h, ly.norm2), ly.wgu, ly.bgu).chunk(2, dim=-1)
         return h + F.linear(F.silu(g) * u, ly.wdown, ly.bdown)
 
-    def head(self, h: torch.Tensor) -> torch.Tensor:
-        """Final norm and LM head."""
+    def head(self, h: torch.Tensor, applied=None, last_only: bool = False) -> torch.Tensor:
+        """Final norm (hook point ``ln_final.hook_normalized``, which sees every position, as in HF) and LM
+        head; ``last_only``: logits of the last position only (``h``: [B, T, d] -> [B, V])."""
+        hooked = applied is not None and "ln_final.hook_normalized" in applied.names
+        if last_only and not hooked:
+            h = h[:, -1]
         x = self._rms(h, self.final_norm)
+        if hooked:
+            x = applied.apply("ln_final.hook_normalized", None, "ln_final.hook_normalized", x)
+            if last_only:
+                x = x[:, -1]
         if self.native is not None and self.lm_bias is None and x.numel() // x.shape[-1] <= self.SKINNY_MAX_ROWS:
             # a few rows (decode, verification): the C++ kernel reads the [vocab, d] head once for all rows
-            return self.native.skinny_linear(x.reshape(-1, x.shape[-1]), self.lm_head).view(*x.shape[:-1], -1)
+            return self.native.skinny_linear(x.reshape(-1, x.shape[-1]).contiguous(), self.lm_head).view(*x.shape[:-1], -1)
         return F.linear(x, self.lm_head, self.lm_bias)
 
     def reorder(self, cache: KVCache, index: torch.Tensor) -> None:
         cache.k.copy_(cache.k.index_select(1, index))
         cache.v.copy_(cache.v.index_select(1, index))
+
+    def truncate(self, cache: KVCache, length: int) -> None:
+        """Forget slots from ``length`` on (the next forward overwrites them)."""
+        cache.length = min(cache.length, length)
 
 
 BACKENDS = {"hf": HFBackend, "packed-llama": PackedLlamaBackend}

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from workbench.engine.config import BeamConfig
-from workbench.threads import num_threads
+from workbench.engine.results import GenerationResult
 
 NEG = -1.0e9  # "impossible" score, as in HF (finite so that sums stay ordered)
 
@@ -28,21 +28,15 @@ class Hypothesis:
 
 
 @dataclass
-class BeamResult:
-    prompt_ids: list[int]
-    hypotheses: list[Hypothesis] = field(default_factory=list)  # best first
+class BeamStats:
+    """``GenerationResult.stats`` of beam search: the ``num_return_sequences`` best hypotheses, best first (the
+    result's own tokens and text are the first one's)."""
+
+    hypotheses: list[Hypothesis] = field(default_factory=list)
 
     @property
-    def best(self) -> Hypothesis:
-        return self.hypotheses[0]
-
-    @property
-    def text(self) -> str:
-        return self.best.text
-
-    @property
-    def token_ids(self) -> list[int]:
-        return self.best.token_ids
+    def score(self) -> float:
+        return self.hypotheses[0].score
 
 
 def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -52,17 +46,17 @@ def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def beam_search(engine, prompts, cfg: BeamConfig) -> list[BeamResult]:
+def beam_search(engine, prompts, cfg: BeamConfig) -> list[GenerationResult]:
     if not isinstance(cfg, BeamConfig):
         raise TypeError(f"beam search takes a BeamConfig, got {type(cfg).__name__}")
-    if isinstance(prompts, str) or not prompts:
-        raise ValueError("prompts must be a non-empty list of strings or token-id lists")
-    prompt_ids = [engine.encode(p) for p in prompts]
+    prompt_ids = engine.encode_all(prompts)
     eos = sorted(engine.stop_ids(cfg.eos_token_ids))
     B, K, T, lp = len(prompt_ids), cfg.num_beams, cfg.max_new_tokens, cfg.length_penalty
     keep = max(2, 1 + len(eos)) * K
     dev = engine.device
-    logits, mask, next_pos, cache, L = engine.prefill([p for p in prompt_ids for _ in range(K)], T)
+    session = engine.start([p for p in prompt_ids for _ in range(K)], T,
+                           requests=[b for b in range(B) for _ in range(K)], n_requests=B)
+    logits = session.logits
     V = logits.shape[-1]
     eos_t = torch.tensor(eos, dtype=torch.long, device=dev)
     run_seq = torch.zeros((B, K, T), dtype=torch.long, device=dev)
@@ -76,7 +70,7 @@ def beam_search(engine, prompts, cfg: BeamConfig) -> list[BeamResult]:
     in_top = torch.arange(keep, device=dev) < K
     offsets = torch.arange(B, device=dev)[:, None] * K
 
-    with num_threads(engine.threads.decode if engine.threads else None):
+    with session.decoding():
         for t in range(T):
             logp = torch.log_softmax(logits.float(), -1).view(B, K, V) + run_score[..., None]
             cand_score, cand_idx = torch.topk(logp.view(B, K * V), keep)
@@ -110,21 +104,21 @@ def beam_search(engine, prompts, cfg: BeamConfig) -> list[BeamResult]:
             all_full = bool(fin_done.all()) and cfg.early_stopping is True
             if t == T - 1 or not bool(improvable.any()) or all_full or bool(ends.all()):
                 break
-            engine.backend.reorder(cache, (run_src + offsets).flatten())
-            mask[:, L + t] = 1
-            logits = engine.backend.forward(run_seq[:, :, t].reshape(B * K, 1), mask[:, : L + t + 1], next_pos, cache)
-            next_pos = next_pos + 1
+            session.reorder((run_src + offsets).flatten())
+            logits = session.decode(run_seq[:, :, t].reshape(B * K))
 
     results = []
     eos_set = set(eos)
     for b in range(B):
-        res = BeamResult(prompt_ids[b])
+        stats = BeamStats()
         for k in range(cfg.num_return_sequences):
             ids = fin_seq[b, k, : int(fin_len[b, k])].tolist()
             reason = "eos" if ids and ids[-1] in eos_set else "length"
             if reason == "eos":
                 ids = ids[:-1]
             text = engine.tokenizer.decode(ids, skip_special_tokens=True)
-            res.hypotheses.append(Hypothesis(ids, text, float(fin_score[b, k]), reason))
-        results.append(res)
+            stats.hypotheses.append(Hypothesis(ids, text, float(fin_score[b, k]), reason))
+        best = stats.hypotheses[0]
+        results.append(GenerationResult(prompt_ids[b], best.token_ids, best.text, best.finish_reason,
+                                        stats=stats))
     return results

@@ -53,6 +53,14 @@ class SamplingParams:
 GREEDY = SamplingParams(temperature=0.0)
 
 
+MAX_LOGPROBS = 20  # alternatives per token, as the OpenAI API allows
+
+
+def check_logprobs(k) -> None:
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_LOGPROBS):
+        raise ValueError(f"logprobs must be None or an int in [0, {MAX_LOGPROBS}], got {k!r}")
+
+
 @dataclass(frozen=True)
 class GenerationConfig:
     max_new_tokens: int = 128
@@ -62,10 +70,12 @@ class GenerationConfig:
     ignore_eos: bool = False
     seed: int | None = None  # per request: same seed, same output, whatever the batch
     constraint: object | None = None  # constrained.Regex / constrained.JsonSchema: output must match it
+    logprobs: int | None = None  # None: off; k: each token's logprob and the k best alternatives (0 to 20)
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        check_logprobs(self.logprobs)
         if isinstance(self.stop_strings, str):
             raise ValueError("stop_strings must be a tuple of strings, not one string")
         if any(not s for s in self.stop_strings):

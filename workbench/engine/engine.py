@@ -10,59 +10,54 @@ the model through the same backend (:mod:`workbench.engine.backends`).
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
 from workbench.engine import processors, sampling
-from workbench.engine.backends import make_backend
+from workbench.engine.backends import PackedLlamaBackend, make_backend
 from workbench.engine.config import GenerationConfig
-from workbench.threads import DEFAULT_POLICY, ThreadPolicy, num_threads
+from workbench.engine.interventions import NONE, Applied, Interventions
+from workbench.engine.results import GenerationResult, TokenEvent, TokenLogprob
+from workbench.engine.step import Session
+from workbench.engine.stopping import Stopper
+from workbench.engine.strategies import get_strategy
+from workbench.threads import DEFAULT_POLICY, ThreadPolicy
 
 GENERATION_DEFAULT = GenerationConfig()
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    """One streamed step of one request: the token, the text it completed (may be empty), and whether it ended."""
-
-    index: int
-    token_id: int
-    text: str
-    finished: bool
-    finish_reason: str | None  # "eos" | "stop" | "length" once finished
-
-
-@dataclass
-class GenerationResult:
-    prompt_ids: list[int]
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str | None = None
+__all__ = ["Engine", "GenerationResult", "TokenEvent", "TokenLogprob"]
 
 
 @dataclass
 class _Row:
     cfg: GenerationConfig
-    eos: frozenset[int]
     generator: torch.Generator
-    result: GenerationResult
+    stop: Stopper
     guide: object | None = None  # constrained.RowGuide
-    text: str = ""  # text decoded so far
-    emitted: int = 0  # characters of it already streamed
-    prefix: int = 0  # incremental detokenisation window: token offsets
-    read: int = 0
-    done: bool = False
+
+    @property
+    def result(self) -> GenerationResult:
+        return self.stop.result
+
+    @property
+    def done(self) -> bool:
+        return self.stop.done
 
 
 class Engine:
     """Token-level generation over a loaded model; see :meth:`generate` and :meth:`stream`.
 
-    ``backend``: ``"auto"`` (lean packed forward for Llama-family models, else the model's own forward),
-    ``"hf"``, ``"packed-llama"``, or a backend instance built for this model; ``threads``: CPU thread counts for prefill and decode (None: leave torch's);
+    ``backend``: ``"auto"`` (lean packed forward for Llama-layout models, else the model's own forward; per
+    request, the model's own forward whenever an intervention needs it), ``"hf"``, ``"packed-llama"``, or a
+    backend instance built for this model; ``threads``: CPU thread counts for prefill and decode (default:
+    the machine's physical cores; None: leave torch's);
     ``sampler``: ``"auto"`` (the fused Triton sampling kernel on CUDA when the rows' filters allow it, else
     torch), ``"torch"`` or ``"triton"`` (on CPU this needs ``TRITON_INTERPRET=1``). The kernel draws from the
     same distribution with its own random stream (seeded per request, so still reproducible).
+
+    Interventions (residual offsets, hooks) go through :meth:`intervene`; hooks installed around a call with
+    ``workbench.interp.Hooks`` are honoured too (see :mod:`workbench.engine.interventions`).
     """
 
     SAMPLERS = ("auto", "torch", "triton")
@@ -80,6 +75,7 @@ class Engine:
         self.pad_id = 0 if pad is None else pad
         self.backend = make_backend(model, backend)
         self._auto_backend = isinstance(backend, str) and backend == "auto"
+        self._backends = {self.backend.name: self.backend}  # auto: one instance per name (no re-pack per switch)
         if sampler not in self.SAMPLERS:
             raise ValueError(f"sampler must be one of {self.SAMPLERS}, got {sampler!r}")
         self.sampler = sampler
@@ -87,6 +83,76 @@ class Engine:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk  # long prompts go through in pieces: attention memory stays O(chunk * L)
         self._compiler = None
+        self._interventions: list[Interventions] = []
+
+    def sibling(self, model, tokenizer) -> Engine:
+        """An engine for another model with this one's thread policy and sampler (e.g. a draft model)."""
+        return type(self)(model, tokenizer, threads=self.threads, sampler=self.sampler)
+
+    # -- interventions ------------------------------------------------------------------------------
+
+    @contextmanager
+    def intervene(self, interventions: Interventions | None = None, *, offsets=None, hooks=()):
+        """Apply residual ``offsets`` and ``hooks`` (or an :class:`Interventions`) to every generation inside
+        the block, whatever the strategy; nested blocks add up. Removed on exit, even on error::
+
+            with engine.intervene(offsets={"blocks.10.hook_resid_post": vec}):
+                engine.generate(prompts, cfg)
+        """
+        iv = interventions if interventions is not None else Interventions(dict(offsets or {}), tuple(hooks))
+        if not isinstance(iv, Interventions):
+            raise TypeError(f"intervene takes an Interventions, got {type(iv).__name__}")
+        self._interventions.append(iv)
+        try:
+            yield iv
+        finally:
+            self._interventions.remove(iv)
+
+    @property
+    def interventions(self) -> Interventions:
+        """The interventions in force now (all open :meth:`intervene` blocks merged)."""
+        out = NONE
+        for iv in self._interventions:
+            out = out.merged(iv)
+        return out
+
+    def _choose_backend(self, applied: Applied):
+        """The backend that runs ``applied`` exactly: auto switches, an explicit backend raises."""
+        if self._auto_backend:
+            want = "packed-llama"
+            if PackedLlamaBackend.unsupported(self.model) is not None:
+                want = "hf"  # the model may have changed since (e.g. a dynamic RoPE scaling hook)
+            elif self._backend_named(want).unsupported_interventions(applied) is not None:
+                want = "hf"
+            self.backend = self._backend_named(want)
+            return self.backend
+        why = self.backend.unsupported_interventions(applied)
+        if why:
+            raise ValueError(f"backend {self.backend.name!r} cannot honour the interventions in force: {why}; "
+                             "use backend='hf' or 'auto'")
+        return self.backend
+
+    def _backend_named(self, name: str):
+        if name not in self._backends:
+            self._backends[name] = make_backend(self.model, name)
+        return self._backends[name]
+
+    # -- the step API -------------------------------------------------------------------------------
+
+    def start(self, prompts: Sequence[Sequence[int]], extra: int, *, requests: Sequence[int] | None = None,
+              n_requests: int | None = None) -> Session:
+        """Prefill token-id ``prompts`` (one cache row each) with room for ``extra`` more slots per row.
+
+        ``requests[r]``: the request row ``r`` serves (default: its own index), for per-request offsets;
+        ``n_requests``: how many requests there are (default: ``len(prompts)``).
+        """
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("start needs at least one non-empty prompt")
+        req = torch.as_tensor(list(range(len(prompts))) if requests is None else list(requests), device=self.device)
+        n = len(prompts) if n_requests is None else n_requests
+        applied = Applied(self.model, self.interventions, req, n)
+        backend = self._choose_backend(applied)
+        return Session(self, backend, applied if applied else None, prompts, extra, req)
 
     # -- inputs -------------------------------------------------------------------------------------
 
@@ -104,6 +170,12 @@ class Engine:
             raise ValueError(f"token ids out of range [0, {self.vocab_size}): {bad[:5]}")
         return ids
 
+    def encode_all(self, prompts) -> list[list[int]]:
+        """Encode a non-empty list of prompts (strings or token-id lists)."""
+        if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
+            raise ValueError("prompts must be a non-empty list of strings or token-id lists")
+        return [self.encode(p) for p in prompts]
+
     def default_eos(self) -> frozenset[int]:
         ids = self.model.generation_config.eos_token_id if hasattr(self.model, "generation_config") else None
         if ids is None:
@@ -117,6 +189,15 @@ class Engine:
         if ignore_eos:
             return frozenset()
         return frozenset(eos_token_ids) if eos_token_ids is not None else self.default_eos()
+
+    def stopper(self, prompt_ids: list[int], max_new_tokens: int, *, eos_token_ids=None, ignore_eos=False,
+                stop_strings: Sequence[str] = (), guide=None, stream: bool = False) -> Stopper:
+        """A request's stop state (EOS, token budget, stop strings) around a fresh result."""
+        eos = self.stop_ids(eos_token_ids, ignore_eos)
+        if guide is not None:
+            eos = eos | {guide.eos_token_id}  # the automaton ends a match with the tokenizer's EOS
+        return Stopper(self.tokenizer, GenerationResult(prompt_ids), eos, max_new_tokens, stop_strings, guide,
+                       want_text=stream)
 
     def generator(self, seed: int | None) -> torch.Generator:
         """A request's own random generator (seeded, or from torch's global RNG when ``seed`` is None)."""
@@ -132,24 +213,22 @@ class Engine:
             self._compiler = Compiler(self.tokenizer, self.tokenizer.eos_token_id, self.vocab_size)
         return self._compiler.guide(constraint)
 
-    def _rows(self, prompts, configs) -> list[_Row]:
-        if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
-            raise ValueError("prompts must be a non-empty list of strings or token-id lists")
+    def _rows(self, prompts, configs, stream: bool) -> list[_Row]:
+        ids = self.encode_all(prompts)
         if isinstance(configs, GenerationConfig):
-            configs = [configs] * len(prompts)
-        if len(configs) != len(prompts):
-            raise ValueError(f"{len(configs)} configs for {len(prompts)} prompts")
+            configs = [configs] * len(ids)
+        if len(configs) != len(ids):
+            raise ValueError(f"{len(configs)} configs for {len(ids)} prompts")
         rows = []
-        for prompt, cfg in zip(prompts, configs, strict=True):
+        for p, cfg in zip(ids, configs, strict=True):
             if not isinstance(cfg, GenerationConfig):
                 raise TypeError(f"config must be a GenerationConfig, got {type(cfg).__name__}")
-            gen = self.generator(cfg.seed)
-            eos = self.stop_ids(cfg.eos_token_ids, cfg.ignore_eos)
-            guide = None
-            if cfg.constraint is not None:
-                guide = self.guide(cfg.constraint)
-                eos = eos | {guide.eos_token_id}  # the automaton ends a match with the tokenizer's EOS
-            rows.append(_Row(cfg, eos, gen, GenerationResult(self.encode(prompt)), guide))
+            guide = self.guide(cfg.constraint) if cfg.constraint is not None else None
+            stop = self.stopper(p, cfg.max_new_tokens, eos_token_ids=cfg.eos_token_ids, ignore_eos=cfg.ignore_eos,
+                                stop_strings=cfg.stop_strings, guide=guide, stream=stream)
+            if cfg.logprobs is not None:
+                stop.result.logprobs = []
+            rows.append(_Row(cfg, self.generator(cfg.seed), stop, guide))
         return rows
 
     # -- entry points -------------------------------------------------------------------------------
@@ -157,58 +236,41 @@ class Engine:
     def stream(self, prompts, config: GenerationConfig | Sequence[GenerationConfig] = GENERATION_DEFAULT
                ) -> Iterator[TokenEvent]:
         """Yield :class:`TokenEvent` s as tokens are chosen (rows interleaved, in request order per step)."""
-        return self._run(self._rows(prompts, config), stream=True)
+        return self._run(self._rows(prompts, config, stream=True), stream=True)
 
-    def generate(self, prompts, config=None, *, strategy: str = "sample") -> list:
-        """Run ``strategy`` (an exact name from :data:`workbench.engine.strategies.STRATEGIES`).
+    def generate(self, prompts, config=None, *, strategy: str = "sample") -> list[GenerationResult]:
+        """Run ``strategy`` (an exact name from :data:`workbench.engine.strategies.STRATEGIES`) and return one
+        :class:`GenerationResult` per prompt.
 
         ``"sample"`` (default; greedy when ``temperature == 0``) takes a :class:`GenerationConfig` or one per
-        prompt and returns :class:`GenerationResult` s; ``"beam"`` takes a ``BeamConfig``.
+        prompt; ``"beam"`` a ``BeamConfig``; ``"speculative"`` a ``SpeculativeConfig``; ``"mcts"`` an
+        ``MCTSConfig``.
         """
-        from workbench.engine.strategies import get_strategy
-
-        return get_strategy(strategy).generate(self, prompts, config)
+        strat = get_strategy(strategy)
+        if config is not None:
+            ok = (isinstance(config, strat.config_type) or (
+                isinstance(config, Sequence) and config and all(isinstance(c, strat.config_type) for c in config)
+                and getattr(strat, "per_prompt_configs", False)))
+            if not ok:
+                raise TypeError(f"strategy {strategy!r} takes a {strat.config_type.__name__}, got "
+                                f"{type(config).__name__}")
+        return strat.generate(self, prompts, config)
 
     def sample(self, prompts, config: GenerationConfig | Sequence[GenerationConfig] = GENERATION_DEFAULT
                ) -> list[GenerationResult]:
-        rows = self._rows(prompts, config)
+        rows = self._rows(prompts, config, stream=False)
         for _ in self._run(rows, stream=False):
             pass
         return [r.result for r in rows]
 
     # -- main loop ----------------------------------------------------------------------------------
 
-    def prefill(self, rows_ids: Sequence[Sequence[int]], steps: int):
-        """Left-pad ``rows_ids``, allocate a cache for ``steps`` more tokens and run the prompts.
-
-        Returns ``(logits [B, V], mask [B, L + steps], next_positions [B, 1], cache, L)``.
-        """
-        B, L = len(rows_ids), max(len(p) for p in rows_ids)
-        dev = self.device
-        ids = torch.full((B, L), self.pad_id, dtype=torch.long, device=dev)
-        mask = torch.zeros((B, L + steps), dtype=torch.long, device=dev)
-        for i, p in enumerate(rows_ids):
-            ids[i, L - len(p):] = torch.tensor(p, device=dev)
-            mask[i, L - len(p): L] = 1
-        positions = (mask[:, :L].cumsum(-1) - 1).clamp(min=0)
-        if self._auto_backend:  # the model may have changed since (e.g. a dynamic RoPE scaling hook)
-            from workbench.engine.backends import PackedLlamaBackend
-
-            want = "hf" if PackedLlamaBackend.unsupported(self.model) else "packed-llama"
-            if want != self.backend.name:
-                self.backend = make_backend(self.model, want)
-        cache = self.backend.new_cache(B, L + steps)
-        with num_threads(self.threads.prefill if self.threads else None):
-            for s in range(0, L, self.prefill_chunk):
-                e = min(L, s + self.prefill_chunk)
-                logits = self.backend.forward(ids[:, s:e], mask[:, :e], positions[:, s:e], cache)
-        return logits, mask, positions[:, -1:] + 1, cache, L
-
     @torch.inference_mode()
     def _run(self, rows: list[_Row], stream: bool) -> Iterator[TokenEvent]:
         B, dev = len(rows), self.device
         steps = max(r.cfg.max_new_tokens for r in rows)
-        logits, mask, next_pos, cache, L = self.prefill([r.result.prompt_ids for r in rows], steps)
+        session = self.start([r.result.prompt_ids for r in rows], steps)
+        logits = session.logits
         seen = torch.zeros((B, self.vocab_size), dtype=torch.bool, device=dev)
         counts = torch.zeros((B, self.vocab_size), dtype=torch.int32, device=dev)
         for i, r in enumerate(rows):
@@ -217,7 +279,9 @@ class Engine:
         greedy = [p.greedy for p in params]
         gens = [r.generator for r in rows]
         constrained = [i for i, r in enumerate(rows) if r.guide is not None]
-        fused = self._use_kernel(params)
+        want_lp = [r.cfg.logprobs for r in rows]
+        any_lp = any(k is not None for k in want_lp)
+        fused = self._use_kernel(params) and not any_lp  # logprobs need the processed logits in torch
         if fused:
             from workbench.kernels import sampling as ksampling
 
@@ -225,7 +289,7 @@ class Engine:
                       top_p=[p.top_p for p in params], min_p=[p.min_p for p in params],
                       seeds=[int(torch.randint(0, 2**62, (), generator=g, device=g.device)) for g in gens])
 
-        with num_threads(self.threads.decode if self.threads else None):
+        with session.decoding():
             for t in range(steps):
                 if constrained:
                     allowed = torch.ones_like(seen)
@@ -236,20 +300,24 @@ class Engine:
                     x = processors.process(logits, params, seen, counts, filters=False)
                     tokens = ksampling.sample(x, **kw, offset=t, impl="triton")
                 else:
-                    tokens = sampling.choose(processors.process(logits, params, seen, counts), greedy, gens)
+                    x = processors.process(logits, params, seen, counts)
+                    tokens = sampling.choose(x, greedy, gens)
                 live = torch.tensor([i for i, r in enumerate(rows) if not r.done], device=dev)
                 seen[live, tokens[live]] = True
                 counts[live, tokens[live]] += 1
                 token_list = tokens.tolist()
+                lps = token_logprobs(x, token_list, want_lp) if any_lp else [None] * B
                 for i in live.tolist():
-                    event = self._advance(i, rows[i], token_list[i], stream)
+                    r = rows[i]
+                    delta, kept = r.stop.push(token_list[i])
+                    lp = lps[i] if kept else None
+                    if lp is not None:
+                        r.result.logprobs.append(lp)
                     if stream:
-                        yield event
+                        yield TokenEvent(i, token_list[i], delta, r.done, r.result.finish_reason, lp)
                 if all(r.done for r in rows):
                     return
-                mask[:, L + t] = 1
-                logits = self.backend.forward(tokens.unsqueeze(1), mask[:, : L + t + 1], next_pos, cache)
-                next_pos = next_pos + 1
+                logits = session.decode(tokens)
 
     def _use_kernel(self, params) -> bool:
         if self.sampler == "torch" or all(p.greedy for p in params):
@@ -264,45 +332,20 @@ class Engine:
 
         return ok and self.device.type == "cuda" and triton_importable()
 
-    def _advance(self, i: int, r: _Row, tok: int, stream: bool) -> TokenEvent | None:
-        res, cfg = r.result, r.cfg
-        if tok in r.eos:
-            r.done, res.finish_reason = True, "eos"
-        else:
-            res.token_ids.append(tok)
-            if r.guide is not None:
-                r.guide.advance(tok)
-        if not r.done and len(res.token_ids) >= cfg.max_new_tokens:
-            r.done, res.finish_reason = True, "length"
-        if not (stream or cfg.stop_strings or r.done):
-            return None  # text is only needed to stream, to find stop strings and at the end
-        r.text += self._next_text(r)
-        hold = 0
-        if cfg.stop_strings:
-            longest = max(len(s) for s in cfg.stop_strings)
-            start = max(0, r.emitted - longest)
-            hits = [p for p in (r.text.find(s, start) for s in cfg.stop_strings) if p >= 0]
-            if hits:
-                r.text, r.done, res.finish_reason = r.text[: min(hits)], True, "stop"
-            else:
-                hold = longest - 1  # a stop string may still be forming
-        upto = len(r.text) if r.done else max(r.emitted, len(r.text) - hold)
-        delta, r.emitted = r.text[r.emitted: upto], upto
-        if r.done:
-            res.text = r.text
-        return TokenEvent(i, tok, delta, r.done, res.finish_reason)
 
-    def _next_text(self, r: _Row) -> str:
-        """Text added by the newest token (incremental detokenisation: a short window per step, not O(n)).
-
-        Decodes ``ids[prefix:]`` and returns what extends the decode of ``ids[prefix:read]``, so characters
-        spanning several tokens, and tokenizers that merge leading spaces, come out as a full decode would.
-        """
-        ids = r.result.token_ids
-        dec = self.tokenizer.decode
-        before = dec(ids[r.prefix: r.read], skip_special_tokens=True)
-        after = dec(ids[r.prefix:], skip_special_tokens=True)
-        if len(after) > len(before) and (r.done or not after.endswith("\ufffd")):
-            r.prefix, r.read = r.read, len(ids)
-            return after[len(before):]
-        return ""  # an incomplete UTF-8 sequence: wait for the next token
+def token_logprobs(processed: torch.Tensor, tokens: Sequence[int], top: Sequence[int | None]
+                   ) -> list[TokenLogprob | None]:
+    """Per row: the chosen token's ``log_softmax(processed)`` and the ``top[row]`` best alternatives (None where
+    a row asked for no logprobs)."""
+    lp = torch.log_softmax(processed.float(), -1)
+    kmax = max((k for k in top if k), default=0)
+    best = torch.topk(lp, kmax, -1) if kmax else None
+    chosen = lp.gather(1, torch.as_tensor(tokens, device=lp.device)[:, None])[:, 0].tolist()
+    out: list[TokenLogprob | None] = []
+    for i, k in enumerate(top):
+        if k is None:
+            out.append(None)
+            continue
+        alts = tuple(zip(best.indices[i, :k].tolist(), best.values[i, :k].tolist(), strict=True)) if k else ()
+        out.append(TokenLogprob(tokens[i], chosen[i], alts))
+    return out

@@ -7,68 +7,37 @@ greedy rollout to the end scored by the reward (or by the reward directly if it 
 backed up as a running mean. The answer follows the most visited children (``select="visits"``) or is the
 best-rewarded complete sequence seen (``select="best"``).
 
-The LM side reuses KV prefixes across tree nodes: one cache holds the last evaluated sequence, and the next
-request only runs the tokens after the longest common prefix (the cache is truncated to it). ``forward_tokens``
+The reward is any callable ``(text, token_ids) -> float`` (ready-made ones, with their sandbox, are in
+:mod:`workbench.rewards`). The LM side reuses KV prefixes across tree nodes: one session holds the last
+evaluated sequence, and the next request only runs the tokens after the longest common prefix (the session is
+truncated to it, on every backend). ``forward_tokens``
 and ``reused_tokens`` report what was recomputed and what was saved; ``budget_tokens`` caps forward tokens.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-Reward = Callable[[str, list[int]], float]
+from workbench.engine.results import GenerationResult
 
-
-# -- rewards -------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ExactAnswer:
-    """1.0 if the last number in the text equals ``answer`` (so "17 + 25 = 42" counts), else 0.0."""
-
-    answer: float
-    pattern: str = r"-?\d+(?:\.\d+)?"
-
-    def __call__(self, text: str, tokens: list[int]) -> float:
-        found = re.findall(self.pattern, text.replace(",", ""))
-        return float(bool(found) and math.isclose(float(found[-1]), float(self.answer), abs_tol=1e-9))
-
-
-@dataclass(frozen=True)
-class UnitTests:
-    """Pass rate of the generated code on ``tests`` in :func:`workbench.sandbox.run_tests`.
-
-    ``prefix`` is prepended (e.g. the function signature the prompt ended with); code is taken from the first
-    fenced block if there is one."""
-
-    tests: tuple[str, ...]
-    prefix: str = ""
-    limits: object = None
-
-    def __call__(self, text: str, tokens: list[int]) -> float:
-        from workbench.sandbox import SandboxLimits, run_tests
-
-        m = re.search(r"```(?:python)?\n(.*?)(?:```|$)", text, re.S)
-        code = m.group(1) if m else self.prefix + text
-        return run_tests(code, list(self.tests), self.limits or SandboxLimits()).pass_rate
+Reward = Callable[[str, list[int]], float]  # e.g. workbench.rewards.ExactAnswer / UnitTests
 
 
 # -- the LM side ---------------------------------------------------------------------------------------------
 
 
 class EngineLM:
-    """Next-token log-probabilities for arbitrary sequences, reusing the KV cache's longest common prefix."""
+    """Next-token log-probabilities for arbitrary sequences through the engine's step API, reusing the KV cache's
+    longest common prefix (on every backend: the session is truncated to it and only the rest runs)."""
 
     def __init__(self, engine, max_len: int):
         self.engine = engine
         self.max_len = max_len
-        self.reuse = engine.backend.name == "packed-llama"  # its cache can be truncated in place
-        self.cache = engine.backend.new_cache(1, max_len) if self.reuse else None
+        self.session = None
         self.seq: list[int] = []
         self.logits = None
         self.forward_tokens = 0
@@ -84,26 +53,21 @@ class EngineLM:
         if tokens == self.seq and self.logits is not None:
             self.reused_tokens += len(tokens)
             return self.logits
-        dev = self.engine.device
-        if not self.reuse:  # recompute from scratch through the model's own forward
-            out = self.engine.model(input_ids=torch.tensor([tokens], device=dev), logits_to_keep=1)
-            self.forward_tokens += len(tokens)
-            self.seq, self.logits = tokens, torch.log_softmax(out.logits[0, -1].float(), -1)
-            return self.logits
         lcp = 0
         for a, b in zip(self.seq, tokens, strict=False):
             if a != b:
                 break
             lcp += 1
         lcp = min(lcp, len(tokens) - 1)  # at least one token must run to produce logits
-        self.cache.length = lcp  # truncate: slots past the common prefix are overwritten
-        new = torch.tensor([tokens[lcp:]], device=dev)
-        mask = torch.ones((1, len(tokens)), dtype=torch.long, device=dev)
-        pos = torch.arange(lcp, len(tokens), device=dev)[None]
-        logits = self.engine.backend.forward(new, mask, pos, self.cache)
-        self.forward_tokens += len(tokens) - lcp
+        if self.session is None or lcp == 0:
+            self.session = self.engine.start([tokens], self.max_len - len(tokens))
+            logits, ran, lcp = self.session.logits[0], len(tokens), 0
+        else:
+            self.session.truncate(lcp)  # slots past the common prefix are overwritten
+            logits, ran = self.session.step([tokens[lcp:]])[0, -1], len(tokens) - lcp
+        self.forward_tokens += ran
         self.reused_tokens += lcp
-        self.seq, self.logits = tokens, torch.log_softmax(logits[0].float(), -1)
+        self.seq, self.logits = tokens, torch.log_softmax(logits.float(), -1)
         return self.logits
 
 
@@ -155,10 +119,9 @@ class Node:
 
 
 @dataclass
-class MCTSResult:
-    prompt_ids: list[int]
-    token_ids: list[int]
-    text: str
+class MCTSStats:
+    """``GenerationResult.stats`` of MCTS: the answer's reward, the best-rewarded sequence seen, and the cost."""
+
     reward: float
     best_token_ids: list[int]
     best_reward: float
@@ -243,22 +206,28 @@ class MCTS:
         return self._greedy(prompt, node.tokens)
 
 
-def mcts_generate(engine, prompts, cfg: MCTSConfig, lm_factory=None) -> list[MCTSResult]:
+def mcts_generate(engine, prompts, cfg: MCTSConfig, lm_factory=None) -> list[GenerationResult]:
     if not isinstance(cfg, MCTSConfig):
         raise TypeError(f"MCTS takes an MCTSConfig, got {type(cfg).__name__}")
-    if isinstance(prompts, str) or not prompts:
-        raise ValueError("prompts must be a non-empty list of strings or token-id lists")
     out = []
-    for prompt in prompts:
-        ids = engine.encode(prompt)
+    for ids in engine.encode_all(prompts):
         lm = lm_factory() if lm_factory else EngineLM(engine, len(ids) + cfg.max_new_tokens + cfg.chunk + 1)
         decode = lambda t: engine.tokenizer.decode(t, skip_special_tokens=True)  # noqa: E731
         search = MCTS(lm, cfg, decode)
         root, sims = search.search(ids)
         seq = search.answer(ids, root)
         reward = search._score(seq)
-        body = [t for t in seq if t not in lm.eos]
+        # the shared stop rules on the chosen sequence: EOS ends it, the token budget caps it
+        stop = engine.stopper(ids, cfg.max_new_tokens, eos_token_ids=tuple(lm.eos))
+        for tok in seq:
+            if stop.done:
+                break
+            stop.push(tok)
+        res = stop.result
+        if not stop.done:
+            res.text = decode(res.token_ids)
         best_r, best_seq = search.best
-        out.append(MCTSResult(ids, body, decode(body), reward, [t for t in best_seq if t not in lm.eos], best_r,
-                              sims, lm.forward_tokens, lm.reused_tokens, search.nodes))
+        res.stats = MCTSStats(reward, [t for t in best_seq if t not in lm.eos], best_r, sims, lm.forward_tokens,
+                              lm.reused_tokens, search.nodes)
+        out.append(res)
     return out

@@ -7,22 +7,38 @@ latest earlier occurrence of the last n-gram; point-mass drafts, no extra model)
 model with the same tokenizer, sampled with the same processors). Draft length adapts per request: +2 after a
 fully accepted block, -1 otherwise, so input-grounded text gets long drafts and open-ended text short ones.
 
-Batches are ragged: every verification step appends ``1 + max drafts`` slots to the KV cache; each request's
-rejected drafts are rolled back by masking their slots (and reusing their positions), so requests accept
-different numbers of tokens without re-running anything.
+Batches are ragged: every verification step appends ``1 + max drafts`` slots to the KV cache
+(:meth:`Session.step <workbench.engine.step.Session.step>`); each request's rejected drafts are rolled back
+(:meth:`Session.rollback <workbench.engine.step.Session.rollback>`: masked slots, positions reused), so requests
+accept different numbers of tokens without re-running anything.
+
+The draft model for ``draft-model`` comes in the config: an ``Engine``, a ``(model, tokenizer)`` pair, or a name
+given to :func:`register_draft`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from workbench.engine import processors
-from workbench.engine.config import GREEDY, SamplingParams
+from workbench.engine.config import GREEDY, SamplingParams, check_logprobs
+from workbench.engine.results import GenerationResult, TokenLogprob
 from workbench.errors import UnknownNameError
-from workbench.threads import num_threads
+
+DRAFTS: dict[str, Any] = {}  # name -> Engine or (model, tokenizer), for SpeculativeConfig(draft="name")
+
+
+def register_draft(name: str, draft, *, replace: bool = False) -> None:
+    """Make ``draft`` (an Engine or a ``(model, tokenizer)`` pair) usable as ``SpeculativeConfig(draft=name)``."""
+    if not name or not isinstance(name, str):
+        raise ValueError("draft name must be a non-empty string")
+    if name in DRAFTS and not replace:
+        raise ValueError(f"draft {name!r} is already registered (pass replace=True to override)")
+    DRAFTS[name] = draft
 
 
 @dataclass(frozen=True)
@@ -38,9 +54,17 @@ class SpeculativeConfig:
     eos_token_ids: tuple[int, ...] | None = None
     ignore_eos: bool = False
     seed: int | None = None
+    stop_strings: tuple[str, ...] = ()
+    logprobs: int | None = None  # as GenerationConfig.logprobs, under the target's processed distribution
+    draft: Any = None  # proposer 'draft-model': an Engine, a (model, tokenizer) pair or a registered name
 
     def __post_init__(self):
         s = self.sampling
+        check_logprobs(self.logprobs)
+        if isinstance(self.stop_strings, str) or any(not x for x in self.stop_strings):
+            raise ValueError("stop_strings must be a tuple of non-empty strings")
+        if isinstance(self.draft, str) and self.draft not in DRAFTS:
+            raise UnknownNameError("draft model", self.draft, list(DRAFTS))
         checks = [
             (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
             (1 <= self.num_draft <= self.max_draft, f"need 1 <= num_draft <= max_draft, got {self.num_draft}, "
@@ -59,14 +83,13 @@ class SpeculativeConfig:
 
 
 @dataclass
-class SpeculativeResult:
-    prompt_ids: list[int]
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str | None = None
+class SpeculativeStats:
+    """``GenerationResult.stats`` of speculative decoding."""
+
     steps: int = 0  # target forwards after the prefill
     proposed: int = 0
     accepted: int = 0
+    tokens: int = 0
 
     @property
     def acceptance_rate(self) -> float:
@@ -74,43 +97,7 @@ class SpeculativeResult:
 
     @property
     def tokens_per_step(self) -> float:
-        return len(self.token_ids) / max(1, self.steps)
-
-
-class Ragged:
-    """A left-padded batch in a backend's KV cache that grows by ragged appends; slots can be masked out."""
-
-    def __init__(self, engine, prompts: Sequence[Sequence[int]], extra: int):
-        self.engine = engine
-        self.logits, self.mask, pos, self.cache, self.filled = engine.prefill(prompts, extra)
-        self.pos = pos[:, 0].clone()  # next position per row
-        self.B = len(prompts)
-
-    def append(self, tokens: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Feed each row's tokens (rows may differ in count; empty rows get one masked pad). -> ``[B, U, V]``."""
-        dev = self.engine.device
-        U = max(1, max(len(t) for t in tokens))
-        ids = torch.full((self.B, U), self.engine.pad_id, dtype=torch.long, device=dev)
-        lens = torch.tensor([len(t) for t in tokens], device=dev)
-        for b, t in enumerate(tokens):
-            if t:
-                ids[b, : len(t)] = torch.tensor(t, device=dev)
-        j = torch.arange(U, device=dev)
-        self.mask[:, self.filled: self.filled + U] = (j[None, :] < lens[:, None]).long()
-        positions = self.pos[:, None] + j[None, :]
-        self.start = self.filled
-        with num_threads(self.engine.threads.decode if self.engine.threads else None):
-            logits = self.engine.backend.forward(ids, self.mask[:, : self.filled + U], positions, self.cache,
-                                                 all_positions=True)
-        self.filled += U
-        self.pos += lens
-        return logits
-
-    def drop_tail(self, row: int, keep: int, appended: int) -> None:
-        """Of the last append's ``appended`` tokens of ``row``, keep the first ``keep`` (mask the rest)."""
-        if keep < appended:
-            self.mask[row, self.start + keep: self.start + appended] = 0
-            self.pos[row] -= appended - keep
+        return self.tokens / max(1, self.steps)
 
 
 def _no_history(logits: torch.Tensor):
@@ -189,25 +176,22 @@ class DraftModel:
 
     point_mass = False
 
-    def __init__(self, cfg: SpeculativeConfig, draft=None, **_):
+    def __init__(self, cfg: SpeculativeConfig, **_):
+        draft = DRAFTS[cfg.draft] if isinstance(cfg.draft, str) else cfg.draft
         if draft is None:
-            raise ValueError("proposer 'draft-model' needs draft=<Engine or (model, tokenizer)>")
+            raise ValueError("proposer 'draft-model' needs SpeculativeConfig(draft=<Engine, (model, tokenizer) or "
+                             "a name from register_draft>)")
         self.cfg = cfg
         self.draft = draft
 
     def start(self, engine, contexts, params, gens, extra):
-        from workbench.engine.engine import Engine
-
-        d = self.draft if isinstance(self.draft, Engine) else Engine(*self.draft, threads=engine.threads)
+        d = self.draft if isinstance(self.draft, type(engine)) else engine.sibling(*self.draft)
         if d.vocab_size != engine.vocab_size:
             raise ValueError(f"draft vocab {d.vocab_size} != target vocab {engine.vocab_size}: the draft model "
                              "must share the target's tokenizer")
         self.params, self.gens = params, gens
-        self.seq = Ragged(d, [c[:-1] for c in contexts], extra)
+        self.seq = d.start([c[:-1] for c in contexts], extra)
         self.unseen = [[c[-1]] for c in contexts]
-
-    def begin_round(self):
-        self.round_start = self.seq.filled
 
     def propose(self, ks: Sequence[int]):
         """Draft ``max(ks)`` tokens for every row (the loop trims each row to its own k)."""
@@ -218,7 +202,7 @@ class DraftModel:
             return drafts, None
         feed, qs = self.unseen, []
         for step in range(k):
-            logits = self.seq.append(feed)
+            logits = self.seq.step(feed)
             last = torch.tensor([max(0, len(f) - 1) for f in feed], device=logits.device)
             q = _probs(logits[torch.arange(len(feed)), last][:, None], self.params)[:, 0]
             toks = _draw(q, self.gens)
@@ -236,12 +220,8 @@ class DraftModel:
             return
         # fed this round: the unseen tokens, then drafts 1..k-1 (draft k was sampled, never fed)
         n = len(accepted)
-        keep = self.round_unseen[row] + min(n, self.k_round - 1)
-        m = self.seq.mask
-        slots = (m[row, self.round_start: self.seq.filled] == 1).nonzero().flatten() + self.round_start
-        if keep < len(slots):
-            m[row, slots[keep:]] = 0
-            self.seq.pos[row] -= len(slots) - keep
+        fed = self.round_unseen[row] + self.k_round - 1
+        self.seq.rollback(row, fed - (self.round_unseen[row] + min(n, self.k_round - 1)))
         self.unseen[row] = ([self.round_drafts[row][-1]] if n == self.k_round else []) + [new]
 
 
@@ -249,7 +229,7 @@ PROPOSERS = {"prompt-lookup": PromptLookup, "draft-model": DraftModel}
 
 
 def register_proposer(name: str, cls, *, replace: bool = False) -> None:
-    """Add a proposer class: ``cls(cfg, draft=...)`` with ``point_mass``, ``start(engine, contexts, params, gens,
+    """Add a proposer class: ``cls(cfg)`` with ``point_mass``, ``start(engine, contexts, params, gens,
     extra)``, ``propose(ks) -> (drafts, q [B, k, V] or None)`` and ``commit(row, accepted, drafts, new)``."""
     if name in PROPOSERS and not replace:
         raise ValueError(f"proposer {name!r} is already registered")
@@ -262,96 +242,121 @@ def register_proposer(name: str, cls, *, replace: bool = False) -> None:
 # -- the loop -------------------------------------------------------------------------------------------------
 
 
+def _logprobs(x: torch.Tensor, tokens: Sequence[int], k: int) -> list[TokenLogprob]:
+    """``x``: [T, V] log-probabilities of one row's positions; ``tokens[j]`` was chosen at position j."""
+    best = torch.topk(x, k, -1) if k else None
+    out = []
+    for j, tok in enumerate(tokens):
+        alts = tuple(zip(best.indices[j].tolist(), best.values[j].tolist(), strict=True)) if k else ()
+        out.append(TokenLogprob(tok, float(x[j, tok]), alts))
+    return out
+
+
 @torch.inference_mode()
-def speculative_generate(engine, prompts, cfg: SpeculativeConfig, draft=None) -> list[SpeculativeResult]:
+def speculative_generate(engine, prompts, cfg: SpeculativeConfig) -> list[GenerationResult]:
     from workbench.kernels.spec_verify import verify
 
     if not isinstance(cfg, SpeculativeConfig):
         raise TypeError(f"speculative decoding takes a SpeculativeConfig, got {type(cfg).__name__}")
-    if isinstance(prompts, str) or not prompts:
-        raise ValueError("prompts must be a non-empty list of strings or token-id lists")
-    ids = [engine.encode(p) for p in prompts]
+    ids = engine.encode_all(prompts)
     B, dev = len(ids), engine.device
-    eos = engine.stop_ids(cfg.eos_token_ids, cfg.ignore_eos)
     gens = [engine.generator(cfg.seed) for _ in range(B)]
     params = [cfg.sampling] * B
-    results = [SpeculativeResult(p) for p in ids]
-    done = [False] * B
+    stops = [engine.stopper(p, cfg.max_new_tokens, eos_token_ids=cfg.eos_token_ids, ignore_eos=cfg.ignore_eos,
+                            stop_strings=cfg.stop_strings) for p in ids]
+    results = [st.result for st in stops]
+    stats = [SpeculativeStats() for _ in range(B)]
+    for r, st in zip(results, stats, strict=True):
+        r.stats = st
+        if cfg.logprobs is not None:
+            r.logprobs = []
     extra = cfg.max_new_tokens * (cfg.max_draft + 1) + 1
-    target = Ragged(engine, ids, extra)
-    pending = _draw(_probs(target.logits[:, None], params)[:, 0], gens)
+    target = engine.start(ids, extra)
+    first = target.logits[:, None]
+    p0 = _probs(first, params)
+    pending = _draw(p0[:, 0], gens)
 
-    def emit(b: int, tok: int) -> None:
-        r = results[b]
-        if tok in eos:
-            done[b], r.finish_reason = True, "eos"
-            return
-        r.token_ids.append(tok)
-        if len(r.token_ids) >= cfg.max_new_tokens:
-            done[b], r.finish_reason = True, "length"
+    def emit(b: int, toks: list[int], lp_rows: torch.Tensor | None) -> None:
+        lps = _logprobs(lp_rows, toks, cfg.logprobs) if lp_rows is not None else [None] * len(toks)
+        for tok, lp in zip(toks, lps, strict=True):
+            if stops[b].done:
+                return
+            _, kept = stops[b].push(tok)
+            if kept and lp is not None:
+                results[b].logprobs.append(lp)
 
+    first_lp = _logp(first, params) if cfg.logprobs is not None else None
     for b in range(B):
-        emit(b, pending[b])
-    proposer = PROPOSERS[cfg.proposer](cfg, draft=draft)
+        emit(b, [pending[b]], None if first_lp is None else first_lp[b])
+    proposer = PROPOSERS[cfg.proposer](cfg)
     proposer.start(engine, [p + [t] for p, t in zip(ids, pending, strict=True)], params, gens, extra)
     K = [cfg.num_draft] * B
-    while not all(done):
-        ks = [0 if done[b] else min(K[b], cfg.max_new_tokens - len(results[b].token_ids) - 1) for b in range(B)]
-        getattr(proposer, "begin_round", lambda: None)()
-        drafts, q = proposer.propose(ks)
-        drafts = [d[:k] for d, k in zip(drafts, ks, strict=True)]
-        kmax = max(len(d) for d in drafts)
-        feed = [[] if done[b] else [pending[b]] + drafts[b] for b in range(B)]
-        logits = target.append(feed)  # [B, kmax + 1, V]
-        if all(p.greedy for p in params):
-            # greedy fast path (same result as the verifier with one-hot p): accept the drafts that equal the
-            # argmax, then take the argmax after the last accepted one
-            flat = logits.reshape(-1, logits.shape[-1])  # row-major: request b's positions are adjacent
-            best = processors.process(flat, _per_position(params, kmax + 1), *_no_history(flat)).argmax(-1)
-            best = best.view(B, kmax + 1).tolist()
-            n_acc = []
-            for b in range(B):
-                n = 0
-                while n < len(drafts[b]) and drafts[b][n] == best[b][n]:
-                    n += 1
-                n_acc.append(n)
-            new = [best[b][n_acc[b]] for b in range(B)]
-        elif kmax == 0:
-            p = _probs(logits, params)
-            new = _draw(p[:, 0], gens)
-            n_acc = [0] * B
-        else:
-            p = _probs(logits, params)
-            d_t = torch.zeros((B, kmax), dtype=torch.long, device=dev)
-            u_acc = torch.ones((B, kmax), device=dev)  # 1.0 never accepts: pads are always rejected
-            for b in range(B):
-                if drafts[b]:
-                    d_t[b, : len(drafts[b])] = torch.tensor(drafts[b], device=dev)
-                    u_acc[b, : len(drafts[b])] = torch.rand(len(drafts[b]), generator=gens[b], device=dev)
-            u_smp = torch.stack([torch.rand((), generator=g, device=dev) for g in gens])
-            qq = None
-            if q is not None:
-                qq = torch.nn.functional.one_hot(d_t, p.shape[-1]).float()  # pads: point mass on the pad
+    with target.decoding():
+        while not all(st.done for st in stops):
+            done = [st.done for st in stops]
+            ks = [0 if done[b] else min(K[b], cfg.max_new_tokens - len(results[b].token_ids) - 1)
+                  for b in range(B)]
+            drafts, q = proposer.propose(ks)
+            drafts = [d[:k] for d, k in zip(drafts, ks, strict=True)]
+            kmax = max(len(d) for d in drafts)
+            feed = [[] if done[b] else [pending[b]] + drafts[b] for b in range(B)]
+            logits = target.step(feed)  # [B, kmax + 1, V]
+            lp_all = _logp(logits, params) if cfg.logprobs is not None else None
+            if all(p.greedy for p in params):
+                # greedy fast path (same result as the verifier with one-hot p): accept the drafts that equal
+                # the argmax, then take the argmax after the last accepted one
+                flat = logits.reshape(-1, logits.shape[-1])  # row-major: request b's positions are adjacent
+                best = processors.process(flat, _per_position(params, kmax + 1), *_no_history(flat)).argmax(-1)
+                best = best.view(B, kmax + 1).tolist()
+                n_acc = []
                 for b in range(B):
-                    qq[b, : len(drafts[b])] = q[b, : len(drafts[b])]
-            n_t, toks = verify(d_t, qq, p.contiguous(), u_acc, u_smp)
-            n_acc = n_t.tolist()
-            new = [int(toks[b, n_acc[b]]) for b in range(B)]
-        for b in range(B):
-            if done[b]:
-                continue
-            r = results[b]
-            r.steps += 1
-            r.proposed += len(drafts[b])
-            r.accepted += n_acc[b]
-            for tok in drafts[b][: n_acc[b]] + [new[b]]:
-                if not done[b]:
-                    emit(b, tok)
-            target.drop_tail(b, keep=1 + n_acc[b], appended=len(feed[b]))
-            proposer.commit(b, drafts[b][: n_acc[b]], drafts[b], new[b])
-            pending[b] = new[b]
-            if cfg.adaptive and drafts[b]:
-                K[b] = min(cfg.max_draft, K[b] + 2) if n_acc[b] == len(drafts[b]) else max(1, K[b] - 1)
-    for r in results:
-        r.text = engine.tokenizer.decode(r.token_ids, skip_special_tokens=True)
+                    n = 0
+                    while n < len(drafts[b]) and drafts[b][n] == best[b][n]:
+                        n += 1
+                    n_acc.append(n)
+                new = [best[b][n_acc[b]] for b in range(B)]
+            elif kmax == 0:
+                p = _probs(logits, params)
+                new = _draw(p[:, 0], gens)
+                n_acc = [0] * B
+            else:
+                p = _probs(logits, params)
+                d_t = torch.zeros((B, kmax), dtype=torch.long, device=dev)
+                u_acc = torch.ones((B, kmax), device=dev)  # 1.0 never accepts: pads are always rejected
+                for b in range(B):
+                    if drafts[b]:
+                        d_t[b, : len(drafts[b])] = torch.tensor(drafts[b], device=dev)
+                        u_acc[b, : len(drafts[b])] = torch.rand(len(drafts[b]), generator=gens[b], device=dev)
+                u_smp = torch.stack([torch.rand((), generator=g, device=dev) for g in gens])
+                qq = None
+                if q is not None:
+                    qq = torch.nn.functional.one_hot(d_t, p.shape[-1]).float()  # pads: point mass on the pad
+                    for b in range(B):
+                        qq[b, : len(drafts[b])] = q[b, : len(drafts[b])]
+                n_t, toks = verify(d_t, qq, p.contiguous(), u_acc, u_smp)
+                n_acc = n_t.tolist()
+                new = [int(toks[b, n_acc[b]]) for b in range(B)]
+            for b in range(B):
+                if done[b]:
+                    continue
+                st = stats[b]
+                st.steps += 1
+                st.proposed += len(drafts[b])
+                st.accepted += n_acc[b]
+                emit(b, drafts[b][: n_acc[b]] + [new[b]], None if lp_all is None else lp_all[b])
+                target.rollback(b, len(feed[b]) - (1 + n_acc[b]))
+                proposer.commit(b, drafts[b][: n_acc[b]], drafts[b], new[b])
+                pending[b] = new[b]
+                if cfg.adaptive and drafts[b]:
+                    K[b] = min(cfg.max_draft, K[b] + 2) if n_acc[b] == len(drafts[b]) else max(1, K[b] - 1)
+    for r, st in zip(results, stats, strict=True):
+        st.tokens = len(r.token_ids)
     return results
+
+
+def _logp(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """``log_softmax`` of the processed logits ``[B, T, V]`` (the distribution each token is drawn from)."""
+    B, T, V = logits.shape
+    flat = logits.reshape(B * T, V).float()
+    x = processors.process(flat, _per_position(params, T), *_no_history(flat))
+    return torch.log_softmax(x, -1).view(B, T, V)

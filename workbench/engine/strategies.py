@@ -1,7 +1,9 @@
 """Registry of generation strategies ("generation schedulers"), keyed by exact names.
 
-A strategy is an object with ``config_type`` (its dataclass config) and ``generate(engine, prompts, config)``.
-Register more with :func:`register_strategy` (speculative decoding and MCTS plug in here).
+A strategy is an object with ``config_type`` (its dataclass config, checked by ``Engine.generate``) and
+``generate(engine, prompts, config) -> list[GenerationResult]``. Strategies drive the model only through the
+step API (:meth:`Engine.start <workbench.engine.Engine.start>` and :class:`workbench.engine.step.Session`).
+Register more with :func:`register_strategy`.
 """
 
 from __future__ import annotations
@@ -10,7 +12,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from workbench.engine.beam import beam_search
 from workbench.engine.config import BeamConfig, GenerationConfig
+from workbench.engine.mcts import MCTSConfig, mcts_generate
+from workbench.engine.speculative import SpeculativeConfig, speculative_generate
 from workbench.errors import UnknownNameError
 
 
@@ -25,6 +30,7 @@ class SampleStrategy:
     """Greedy / sampled decoding with per-request processors, stop conditions and constraints."""
 
     config_type: type = GenerationConfig
+    per_prompt_configs: bool = True  # a list with one config per prompt is accepted
 
     def generate(self, engine, prompts, config):
         if config is None:
@@ -42,43 +48,27 @@ class BeamStrategy:
     config_type: type = BeamConfig
 
     def generate(self, engine, prompts, config):
-        from workbench.engine.beam import beam_search
-
         return beam_search(engine, prompts, BeamConfig() if config is None else config)
 
 
 @dataclass(frozen=True)
 class SpeculativeStrategy:
-    """Speculative decoding (exact); ``draft``: an Engine or (model, tokenizer) for proposer 'draft-model'."""
+    """Speculative decoding (exact); the draft model, if any, comes in the config (an engine, a
+    ``(model, tokenizer)`` pair or a name given to :func:`workbench.engine.speculative.register_draft`)."""
 
-    draft: Any = None
-
-    @property
-    def config_type(self):
-        from workbench.engine.speculative import SpeculativeConfig
-
-        return SpeculativeConfig
+    config_type: type = SpeculativeConfig
 
     def generate(self, engine, prompts, config):
-        from workbench.engine.speculative import SpeculativeConfig, speculative_generate
-
-        return speculative_generate(engine, prompts, SpeculativeConfig() if config is None else config,
-                                    draft=self.draft)
+        return speculative_generate(engine, prompts, SpeculativeConfig() if config is None else config)
 
 
 @dataclass(frozen=True)
 class MCTSStrategy:
     """Monte Carlo tree search over tokens with the reward in its MCTSConfig."""
 
-    @property
-    def config_type(self):
-        from workbench.engine.mcts import MCTSConfig
-
-        return MCTSConfig
+    config_type: type = MCTSConfig
 
     def generate(self, engine, prompts, config):
-        from workbench.engine.mcts import mcts_generate
-
         if config is None:
             raise ValueError("strategy 'mcts' needs an MCTSConfig with a reward")
         return mcts_generate(engine, prompts, config)
@@ -95,6 +85,8 @@ def register_strategy(name: str, strategy: Any, *, replace: bool = False) -> Non
         raise ValueError(f"strategy {name!r} is already registered (pass replace=True to override)")
     if not callable(getattr(strategy, "generate", None)):
         raise TypeError("a strategy needs a generate(engine, prompts, config) method")
+    if not isinstance(getattr(strategy, "config_type", None), type):
+        raise TypeError("a strategy needs a config_type (the dataclass its generate takes)")
     STRATEGIES[name] = strategy
 
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import difflib
 import re
+import threading
+import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -37,6 +39,9 @@ BLOCK_KINDS = (
 )
 READ_ONLY = ("attn.hook_pattern",)
 _BLOCK_RE = re.compile(r"blocks\.(\d+)\.(.+)")
+# Hooks contexts currently installed, per model: the engine's packed backend runs their functions itself.
+_ACTIVE: weakref.WeakKeyDictionary[nn.Module, list[Hooks]] = weakref.WeakKeyDictionary()
+_ACTIVE_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -130,6 +135,10 @@ class Hooks:
         self.remove()
 
     def remove(self) -> None:
+        with _ACTIVE_LOCK:
+            active = _ACTIVE.get(self.model, [])
+            if self in active:
+                active.remove(self)
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -137,6 +146,15 @@ class Hooks:
         if self._attn_impl is not None:
             self.model.set_attn_implementation(self._attn_impl)
             self._attn_impl = None
+
+    @property
+    def handle_ids(self) -> set[int]:
+        """Ids of the torch hooks this context registered (see :func:`foreign_hooks`)."""
+        return {h.id for h in self._handles}
+
+    def apply(self, name: str, act: torch.Tensor) -> torch.Tensor:
+        """Run the functions installed on ``name`` over ``act`` (in order) and return the result."""
+        return self._apply(name, act)
 
     def _apply(self, name: str, act: torch.Tensor) -> torch.Tensor:
         point = self.points[name]
@@ -173,6 +191,8 @@ class Hooks:
         layers = get_module(model, spec.layers)
         for i, kinds in sorted(kinds_by_layer.items()):
             self._install_block(i, layers[i], kinds)
+        with _ACTIVE_LOCK:
+            _ACTIVE.setdefault(model, []).append(self)
 
     def _output_hook(self, name: str):
         def hook(_module, _args, output):
@@ -235,6 +255,22 @@ def run_with_hooks(model: nn.Module, *args, fwd_hooks=(), **kwargs):
     """``model(*args, **kwargs)`` with ``fwd_hooks`` installed for this one call."""
     with Hooks(model, fwd_hooks):
         return model(*args, **kwargs)
+
+
+def active_hooks(model: nn.Module) -> list[Hooks]:
+    """The :class:`Hooks` contexts installed on ``model`` now, in installation order."""
+    with _ACTIVE_LOCK:
+        return list(_ACTIVE.get(model, []))
+
+
+def foreign_hooks(model: nn.Module, known: Iterable[Hooks] = ()) -> list[str]:
+    """Names of submodules carrying torch forward (pre-)hooks that none of ``known`` registered."""
+    ids = set().union(*(h.handle_ids for h in known))
+    out = []
+    for name, m in model.named_modules():
+        if (set(m._forward_hooks) | set(m._forward_pre_hooks)) - ids:
+            out.append(name or "<model>")
+    return out
 
 
 def count_hooks(model: nn.Module) -> int:

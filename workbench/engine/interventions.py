@@ -1,0 +1,159 @@
+"""Interventions: the one seam through which the engine changes what the model computes.
+
+Three kinds, all honoured by every backend or refused with the reason:
+
+- **residual offsets**: a vector added to the residual stream at ``blocks.{i}.hook_resid_pre`` or
+  ``blocks.{i}.hook_resid_post``, one ``[d_model]`` vector for every row or ``[n_requests, d_model]``, one per
+  request of the generate call (the form control vectors take). The packed backend adds them natively.
+- **hooks** on :mod:`workbench.interp` hook points (``fn(activation, hook) -> Tensor | None``), given here or
+  installed around the call with ``workbench.interp.Hooks``. The packed backend runs them in its own layer
+  loop (every hook point but ``attn.hook_pattern``); a hook it cannot run makes ``backend="auto"`` switch to
+  the model's own forward and an explicit ``backend="packed-llama"`` raise.
+- **weight changes**: edit the model's parameters in place; the packed backend notices through the tensors'
+  version counters and re-packs before the next request.
+
+At one hook point the order is: ``Hooks`` contexts on the model (oldest first), then offsets, then the
+engine's hooks.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+OFFSET_POINTS = ("hook_resid_pre", "hook_resid_post")
+_OFFSET_RE = re.compile(r"blocks\.(\d+)\.(hook_resid_pre|hook_resid_post)")
+
+
+@dataclass(frozen=True)
+class Interventions:
+    """What to change in the forward; pass to :meth:`workbench.engine.Engine.intervene`.
+
+    ``offsets``: hook name (``blocks.{i}.hook_resid_pre`` / ``hook_resid_post``) -> tensor ``[d]`` or
+    ``[n_requests, d]``. ``hooks``: ``(name or name filter, fn)`` pairs as for ``workbench.interp.Hooks``.
+    """
+
+    offsets: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    hooks: Sequence[tuple[str | Callable[[str], bool], Callable]] = ()
+
+    def __post_init__(self):
+        for name, vec in self.offsets.items():
+            if not _OFFSET_RE.fullmatch(str(name)):
+                raise ValueError(f"offsets go at blocks.{{i}}.hook_resid_pre or blocks.{{i}}.hook_resid_post, "
+                                 f"got {name!r}")
+            if not isinstance(vec, torch.Tensor) or vec.dim() not in (1, 2):
+                raise ValueError(f"offset {name!r} must be a tensor [d_model] or [n_requests, d_model]")
+            if not torch.isfinite(vec).all():
+                raise ValueError(f"offset {name!r} has non-finite values")
+        for pair in self.hooks:
+            if not (isinstance(pair, tuple) and len(pair) == 2 and callable(pair[1])):
+                raise TypeError(f"hooks must be (name, fn) pairs, got {pair!r}")
+
+    @classmethod
+    def residual(cls, vectors: Mapping[int, torch.Tensor], point: str = "hook_resid_post",
+                 hooks: Sequence = ()) -> Interventions:
+        """Offsets ``{layer: vector}`` at one residual point of each layer (a control vector)."""
+        if point not in OFFSET_POINTS:
+            raise ValueError(f"point must be one of {OFFSET_POINTS}, got {point!r}")
+        return cls({f"blocks.{int(i)}.{point}": v for i, v in vectors.items()}, hooks)
+
+    def __bool__(self) -> bool:
+        return bool(self.offsets or self.hooks)
+
+    def merged(self, other: Interventions) -> Interventions:
+        """Both: offsets at the same point add up; hooks run in order (``self``'s first)."""
+        offsets = dict(self.offsets)
+        for name, v in other.offsets.items():
+            offsets[name] = offsets[name] + v if name in offsets else v
+        return Interventions(offsets, (*self.hooks, *other.hooks))
+
+
+NONE = Interventions()
+
+
+class Applied:
+    """Interventions resolved for one batch in the KV cache: offsets as ``[rows, 1, d]`` tensors in the model's
+    dtype, gathered per cache row from the request each row serves; hook contexts to run."""
+
+    def __init__(self, model, iv: Interventions, requests: torch.Tensor, n_requests: int):
+        from workbench.arch import arch_of
+        from workbench.interp.hooks import Hooks, active_hooks, foreign_hooks
+
+        self.model = model
+        self.external = active_hooks(model)  # Hooks contexts the user installed around the call
+        self.foreign = foreign_hooks(model, self.external)  # raw torch hooks nobody here can replay
+        self.hooks = Hooks(model, list(iv.hooks)) if iv.hooks else None
+        self._raw: dict[tuple[int, str], torch.Tensor] = {}
+        if iv.offsets:
+            n_layers = len(model.get_submodule(arch_of(model).layers)._modules)
+            emb = model.get_input_embeddings().weight
+            d = emb.shape[1]
+            for name, vec in iv.offsets.items():
+                m = _OFFSET_RE.fullmatch(name)
+                layer = int(m.group(1))
+                if layer >= n_layers:
+                    raise ValueError(f"offset {name!r}: the model has {n_layers} layers")
+                if vec.shape[-1] != d:
+                    raise ValueError(f"offset {name!r} has size {vec.shape[-1]}, the residual stream {d}")
+                if vec.dim() == 2 and vec.shape[0] != n_requests:
+                    raise ValueError(f"offset {name!r} has {vec.shape[0]} rows for {n_requests} requests")
+                vec = vec.to(device=emb.device, dtype=emb.dtype)
+                self._raw[(layer, m.group(2))] = vec[None] if vec.dim() == 1 else vec
+        self.offsets: dict[tuple[int, str], torch.Tensor] = {}
+        self.select(requests)
+
+    def select(self, requests: torch.Tensor) -> None:
+        """Re-gather per-request offsets for the cache rows ``requests`` (after a reorder)."""
+        self.offsets = {k: (v if v.shape[0] == 1 else v.index_select(0, requests))[:, None]
+                        for k, v in self._raw.items()}
+
+    @property
+    def names(self) -> set[str]:
+        """Every hook point some hook (external or the engine's) sits on."""
+        out: set[str] = set()
+        for h in self._hook_objects():
+            out |= set(h.fns)
+        return out
+
+    def _hook_objects(self) -> list:
+        return [*self.external, *([self.hooks] if self.hooks else [])]
+
+    def __bool__(self) -> bool:
+        return bool(self.offsets or self.names or self.foreign)
+
+    def apply(self, name: str, layer: int | None, kind: str, act: torch.Tensor) -> torch.Tensor:
+        """External hooks, then the offset, then the engine's hooks, at one hook point (packed backend)."""
+        for h in self.external:
+            if name in h.fns:
+                act = h.apply(name, act)
+        off = self.offsets.get((layer, kind)) if layer is not None else None
+        if off is not None:
+            act = act + off
+        if self.hooks is not None and name in self.hooks.fns:
+            act = self.hooks.apply(name, act)
+        return act
+
+    def hf_pairs(self) -> list[tuple[str, Callable]]:
+        """The offsets and the engine's hooks as ``(name, fn)`` pairs for a ``Hooks`` context (HF backend;
+        external contexts fire by themselves)."""
+        pairs: list[tuple[str, Callable]] = []
+        for (layer, kind), off in self.offsets.items():
+            pairs.append((f"blocks.{layer}.{kind}", _adder(off)))
+        if self.hooks is not None:
+            for name, fns in self.hooks.fns.items():
+                pairs += [(name, fn) for fn in fns]
+        return pairs
+
+
+def _adder(off: torch.Tensor):
+    def add(act, _hook):
+        return act + off
+    return add
+
+
+def describe(names: Iterable[str]) -> str:
+    names = sorted(names)
+    return ", ".join(names[:4]) + (f" (+{len(names) - 4} more)" if len(names) > 4 else "")

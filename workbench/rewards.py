@@ -1,0 +1,41 @@
+"""Ready-made rewards for MCTS (:mod:`workbench.engine.mcts`): any ``(text, token_ids) -> float`` works there.
+
+``UnitTests`` runs generated code in :mod:`workbench.sandbox`; the engine itself imports no sandbox.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ExactAnswer:
+    """1.0 if the last number in the text equals ``answer`` (so "17 + 25 = 42" counts), else 0.0."""
+
+    answer: float
+    pattern: str = r"-?\d+(?:\.\d+)?"
+
+    def __call__(self, text: str, tokens: list[int]) -> float:
+        found = re.findall(self.pattern, text.replace(",", ""))
+        return float(bool(found) and math.isclose(float(found[-1]), float(self.answer), abs_tol=1e-9))
+
+
+@dataclass(frozen=True)
+class UnitTests:
+    """Pass rate of the generated code on ``tests`` in :func:`workbench.sandbox.run_tests`.
+
+    ``prefix`` is prepended (e.g. the function signature the prompt ended with); code is taken from the first
+    fenced block if there is one."""
+
+    tests: tuple[str, ...]
+    prefix: str = ""
+    limits: object = None
+
+    def __call__(self, text: str, tokens: list[int]) -> float:
+        from workbench.sandbox import SandboxLimits, run_tests
+
+        m = re.search(r"```(?:python)?\n(.*?)(?:```|$)", text, re.S)
+        code = m.group(1) if m else self.prefix + text
+        return run_tests(code, list(self.tests), self.limits or SandboxLimits()).pass_rate
