@@ -52,6 +52,9 @@ class HFBackend:
     def unsupported_interventions(self, applied) -> str | None:
         return None
 
+    def max_cache_len(self) -> int | None:
+        return None
+
     def new_cache(self, batch: int, max_len: int) -> HFCache:
         from transformers import StaticCache
 
@@ -187,8 +190,15 @@ class PackedLlamaBackend:
         if getattr(cfg, "pretraining_tp", 1) != 1:
             return "pretraining_tp != 1"
         sliding = [t for t in (getattr(cfg, "layer_types", None) or []) if t != "full_attention"]
-        if sliding or (mtype == "mistral" and getattr(cfg, "sliding_window", None) is not None):
+        if sliding:
             return "sliding-window attention layers (the packed forward attends to the whole cache)"
+        return None
+
+    def max_cache_len(self) -> int | None:
+        """Longest sequence this backend computes exactly: a Mistral-style ``sliding_window`` (set on every layer)
+        only starts to matter past its length; None = no limit."""
+        if self.model.config.model_type == "mistral":
+            return getattr(self.model.config, "sliding_window", None)
         return None
 
     def unsupported_interventions(self, applied) -> str | None:
@@ -271,6 +281,9 @@ class PackedLlamaBackend:
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         why = self.unsupported(self.model)
+        limit = self.max_cache_len()
+        if not why and limit is not None and max_len > limit:
+            why = f"{max_len} cache slots exceed the sliding window of {limit}"
         if why:
             raise ValueError(f"backend 'packed-llama' cannot run this model any more: {why}")
         self.refresh()

@@ -116,14 +116,18 @@ class Engine:
             out = out.merged(iv)
         return out
 
-    def _choose_backend(self, applied: Applied):
-        """The backend that runs ``applied`` exactly: auto switches, an explicit backend raises."""
+    def _choose_backend(self, applied: Applied, length: int):
+        """The backend that runs ``applied`` over ``length`` cache slots exactly: auto switches, an explicit
+        backend raises."""
         if self._auto_backend:
             want = "packed-llama"
             if PackedLlamaBackend.unsupported(self.model) is not None:
                 want = "hf"  # the model may have changed since (e.g. a dynamic RoPE scaling hook)
-            elif self._backend_named(want).unsupported_interventions(applied) is not None:
-                want = "hf"
+            else:
+                packed = self._backend_named(want)
+                limit = packed.max_cache_len()
+                if packed.unsupported_interventions(applied) is not None or (limit is not None and length > limit):
+                    want = "hf"
             self.backend = self._backend_named(want)
             return self.backend
         why = self.backend.unsupported_interventions(applied)
@@ -151,7 +155,7 @@ class Engine:
         req = torch.as_tensor(list(range(len(prompts))) if requests is None else list(requests), device=self.device)
         n = len(prompts) if n_requests is None else n_requests
         applied = Applied(self.model, self.interventions, req, n)
-        backend = self._choose_backend(applied)
+        backend = self._choose_backend(applied, max(len(p) for p in prompts) + extra)
         return Session(self, backend, applied if applied else None, prompts, extra, req)
 
     # -- inputs -------------------------------------------------------------------------------------

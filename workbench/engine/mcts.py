@@ -138,7 +138,7 @@ class MCTS:
         self.best: tuple[float, tuple[int, ...]] = (-math.inf, ())
         self.nodes = 1
 
-    def _score(self, seq: tuple[int, ...]) -> float:
+    def score(self, seq: tuple[int, ...]) -> float:
         if seq not in self.rewards:
             body = [t for t in seq if t not in self.lm.eos]
             self.rewards[seq] = float(self.cfg.reward(self.decode(body), body))
@@ -187,10 +187,10 @@ class MCTS:
                 node = self._select(node)
                 path.append(node)
             if node.terminal:
-                value = self._score(node.tokens)
+                value = self.score(node.tokens)
             else:
                 self._expand(prompt, node)
-                value = self._score(self._greedy(prompt, node.tokens))
+                value = self.score(self._greedy(prompt, node.tokens))
             for n in path:
                 n.visits += 1
                 n.value_sum += value
@@ -216,7 +216,7 @@ def mcts_generate(engine, prompts, cfg: MCTSConfig, lm_factory=None) -> list[Gen
         search = MCTS(lm, cfg, decode)
         root, sims = search.search(ids)
         seq = search.answer(ids, root)
-        reward = search._score(seq)
+        reward = search.score(seq)
         # the shared stop rules on the chosen sequence: EOS ends it, the token budget caps it
         stop = engine.stopper(ids, cfg.max_new_tokens, eos_token_ids=tuple(lm.eos))
         for tok in seq:

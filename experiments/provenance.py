@@ -1,0 +1,56 @@
+"""Provenance for results files: the command, commit, machine, library versions and date of a run."""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LIBRARIES = ("torch", "transformers", "numpy", "triton")
+
+
+def git_commit(repo: Path = ROOT) -> str:
+    """HEAD's hash, with ``-dirty`` when tracked files differ from it (``unknown`` outside a checkout)."""
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("-dirty" if dirty else "")
+
+
+def machine() -> str:
+    from workbench.cpu import cpu_name, physical_cores
+
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"{torch.cuda.get_device_name(0)} (host: {cpu_name()})"
+    except ImportError:
+        pass
+    return f"{platform.machine()} {cpu_name()}, {physical_cores()} physical cores"
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for lib in LIBRARIES:
+        try:
+            out[lib] = metadata.version(lib)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def provenance(argv: list[str] | None = None) -> dict:
+    """The fields every results JSON carries."""
+    argv = sys.argv if argv is None else argv
+    cmd = " ".join([".venv/bin/python", str(Path(argv[0]).resolve().relative_to(ROOT)) if argv else "", *argv[1:]])
+    return {"command": cmd, "commit": git_commit(), "machine": machine(), "versions": versions(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
