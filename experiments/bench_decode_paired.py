@@ -42,8 +42,10 @@ print(json.dumps({"tok_s": n / min(times), "tokens": out[0].token_ids, "backend"
 """
 
 
-def side(path: Path, args) -> dict:
+def side(path: Path, args, ext_dir: Path | None = None) -> dict:
     env = {**os.environ, "PYTHONPATH": str(path)}
+    if ext_dir is not None:  # the base's C++ helper builds apart, so the two sides never rebuild each other's
+        env["TORCH_EXTENSIONS_DIR"] = str(ext_dir)
     out = subprocess.run([sys.executable, "-c", PROBE, args.model, str(args.new_tokens), str(args.repeats),
                           str(args.threads)], env=env, capture_output=True, text=True, check=True, cwd=path)
     res = json.loads(out.stdout.strip().splitlines()[-1])
@@ -70,7 +72,7 @@ def main() -> None:
             runs = {"base": [], "head": []}
             for _ in range(args.rounds):
                 for name, path in (("base", base_dir), ("head", ROOT)):
-                    runs[name].append(side(path, args))
+                    runs[name].append(side(path, args, Path(tmp) / "ext" if name == "base" else None))
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base_dir)],
                            check=False, capture_output=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import platform
 import subprocess
@@ -41,10 +42,8 @@ def machine() -> str:
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for lib in LIBRARIES:
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             out[lib] = metadata.version(lib)
-        except metadata.PackageNotFoundError:
-            pass
     return out
 
 

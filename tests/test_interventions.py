@@ -158,6 +158,10 @@ def test_raw_torch_hook_switches_auto_and_refuses_packed(tiny):
     assert Engine(model, tok).generate(["hi"], cfg)[0].token_ids != hf
 
 
+def adder(v):
+    return lambda act, hook: act + v
+
+
 def offset_vectors(model, n_rows, seed=0):
     g = torch.Generator().manual_seed(seed)
     d = model.config.hidden_size
@@ -170,7 +174,7 @@ def test_offsets_equal_hf_adding_hooks(tiny, backend):
     model, tok = tiny
     eng = engine_for(model, tok, backend)
     offsets = {k: v[0] for k, v in offset_vectors(model, 1).items()}
-    hooks = [(name, (lambda v: lambda act, hook: act + v)(v)) for name, v in offsets.items()]
+    hooks = [(name, adder(v)) for name, v in offsets.items()]
     ref_logits, ref_tokens = hf_greedy(model, tok, PROMPTS[0], 8, hooks)
     with eng.intervene(offsets=offsets):
         session = eng.start([tok(PROMPTS[0])["input_ids"]], 0)

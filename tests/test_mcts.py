@@ -5,8 +5,8 @@ import torch
 
 from workbench.engine import Engine
 from workbench.engine.mcts import MCTS, EngineLM, MCTSConfig, mcts_generate
-from workbench.rewards import ExactAnswer, UnitTests
 from workbench.models.tiny import build_tiny
+from workbench.rewards import ExactAnswer, UnitTests
 
 EOS = 3
 

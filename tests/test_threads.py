@@ -80,8 +80,10 @@ def test_invalid_count():
 
 def test_policy_defaults_to_physical_cores():
     assert ThreadPolicy() == ThreadPolicy(prefill=physical_cores(), decode=physical_cores())
-    assert ThreadPolicy() == DEFAULT_POLICY
-    assert isinstance(DEFAULT_POLICY.prefill, int) and isinstance(DEFAULT_POLICY.decode, int)
+    assert threads.resolve(DEFAULT_POLICY) == ThreadPolicy()
+    assert threads.resolve(None) is None and threads.resolve(ThreadPolicy(1, 2)) == ThreadPolicy(1, 2)
+    with pytest.raises(TypeError):
+        threads.resolve(2)
     p = ThreadPolicy(prefill=1, decode=2)
     assert (p.prefill, p.decode) == (1, 2)
 
@@ -90,3 +92,28 @@ def test_policy_defaults_to_physical_cores():
 def test_policy_rejects_counts_below_one(kwargs):
     with pytest.raises(ValueError):
         ThreadPolicy(**kwargs)
+
+
+def test_engine_defaults_to_physical_cores_and_concurrent_calls_restore_the_count():
+    """Two generation calls on worker threads with different policies leave torch's count as it was."""
+    from workbench.engine import Engine, GenerationConfig
+    from workbench.models.tiny import build_tiny
+
+    model, tok = build_tiny("llama")
+    assert Engine(model, tok).threads == ThreadPolicy()
+    before = torch.get_num_threads()
+    engines = [Engine(model, tok, threads=ThreadPolicy(1, 1)), Engine(model, tok, threads=ThreadPolicy(2, 3))]
+    errors = []
+
+    def work(eng):
+        try:
+            for _ in range(3):
+                eng.generate(["hello"], GenerationConfig(max_new_tokens=8))
+        except Exception as e:  # surfaced below
+            errors.append(e)
+    workers = [threading.Thread(target=work, args=(e,)) for e in engines]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert not errors and torch.get_num_threads() == before and not threads._active

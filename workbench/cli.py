@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--max-windows", type=int, default=None)
     ppl.add_argument("--batch-size", type=int, default=2)
     ppl.add_argument("--bos", action="store_true", help="start each window with the BOS token")
-    ppl.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    ppl.add_argument("--threads", type=int, default=None,
+                     help="torch CPU threads (default: the machine's physical cores)")
     ppl.add_argument("--json-out", type=Path, default=None, help="also write the result as JSON here")
 
     corp = sub.add_parser("corpora", help="offline text corpora")
@@ -187,7 +188,9 @@ def _cmd_ppl(args) -> int:
 
     model, tok = _load(args)
     windows = token_windows(tok, args.corpus, args.window, max_windows=args.max_windows, bos=args.bos)
-    with num_threads(args.threads):
+    from workbench.cpu import physical_cores
+
+    with num_threads(args.threads or physical_cores()):
         res = perplexity(model, windows, batch_size=args.batch_size)
     out = {"model": args.model, "corpus": args.corpus, **res.to_dict()}
     print(f"perplexity {res.ppl:.3f}  (nll {res.nll:.4f} nats/token over {res.n_tokens} tokens, "

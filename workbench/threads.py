@@ -27,7 +27,23 @@ class ThreadPolicy:
             raise ValueError(f"thread counts must be >= 1, got prefill={self.prefill} decode={self.decode}")
 
 
-DEFAULT_POLICY = ThreadPolicy()
+class _PhysicalCores:
+    """Default marker: ``ThreadPolicy()`` for this machine, resolved when an engine is built (not at import)."""
+
+    def __repr__(self) -> str:
+        return "DEFAULT_POLICY"
+
+
+DEFAULT_POLICY = _PhysicalCores()
+
+
+def resolve(policy) -> ThreadPolicy | None:
+    """``DEFAULT_POLICY`` -> ``ThreadPolicy()`` (physical cores); a policy or None as given."""
+    if isinstance(policy, _PhysicalCores):
+        return ThreadPolicy()
+    if policy is not None and not isinstance(policy, ThreadPolicy):
+        raise TypeError(f"threads must be a ThreadPolicy or None, got {type(policy).__name__}")
+    return policy
 
 # torch's thread count is process-wide: the blocks open in any thread form one stack, and the newest one wins.
 _lock = threading.Lock()

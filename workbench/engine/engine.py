@@ -23,7 +23,7 @@ from workbench.engine.results import GenerationResult, TokenEvent, TokenLogprob
 from workbench.engine.step import Session
 from workbench.engine.stopping import Stopper
 from workbench.engine.strategies import get_strategy
-from workbench.threads import DEFAULT_POLICY, ThreadPolicy
+from workbench.threads import DEFAULT_POLICY, ThreadPolicy, resolve
 
 GENERATION_DEFAULT = GenerationConfig()
 __all__ = ["Engine", "GenerationResult", "TokenEvent", "TokenLogprob"]
@@ -68,7 +68,7 @@ class Engine:
             raise TypeError("Engine needs a Hugging Face causal LM (a module with .config)")
         self.model = model
         self.tokenizer = tokenizer
-        self.threads = threads
+        self.threads = resolve(threads)
         self.device = next(model.parameters()).device
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

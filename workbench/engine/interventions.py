@@ -79,7 +79,7 @@ class Applied:
     dtype, gathered per cache row from the request each row serves; hook contexts to run."""
 
     def __init__(self, model, iv: Interventions, requests: torch.Tensor, n_requests: int):
-        from workbench.arch import arch_of
+        from workbench.arch import arch_of, get_module
         from workbench.interp.hooks import Hooks, active_hooks, foreign_hooks
 
         self.model = model
