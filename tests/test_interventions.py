@@ -295,3 +295,4 @@ def test_smollm2_hooks_and_offsets_equal_hf(smollm2, backend):
     torch.testing.assert_close(session.logits[0], ref_logits, atol=2e-4, rtol=2e-4)
     torch.testing.assert_close(got_read[0], ref_read[0], atol=2e-4, rtol=2e-4)
     assert res.token_ids == ref_tokens
+    assert ref_tokens != hf_greedy(model, tok, "The capital of France is", 6)[1]  # the hooks change the output
