@@ -3,7 +3,7 @@
 Each round runs the base and this checkout in turn, each in a fresh process (the base from a git worktree
 made for the run), so drift on the machine affects both alike. Prints a table and writes JSON.
 
-    .venv/bin/python experiments/bench_decode_paired.py --base bc7e16e --rounds 4 \
+    .venv/bin/python experiments/bench_decode_paired.py --base bc7e16e --rounds 8 \
         --json experiments/results/bench_decode_paired.json   # the committed results
 """
 
