@@ -88,7 +88,7 @@ class Applied:
         self.hooks = Hooks(model, list(iv.hooks)) if iv.hooks else None
         self._raw: dict[tuple[int, str], torch.Tensor] = {}
         if iv.offsets:
-            n_layers = len(model.get_submodule(arch_of(model).layers)._modules)
+            n_layers = len(get_module(model, arch_of(model).layers))
             emb = model.get_input_embeddings().weight
             d = emb.shape[1]
             for name, vec in iv.offsets.items():
