@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from provenance import ROOT, provenance
+from provenance import ROOT, provenance, write_json
 
 # Run inside each side's process: load, warm up, time greedy batch-1 generations with the default backend.
 PROBE = r"""
@@ -87,9 +87,7 @@ def main() -> None:
     for k in ("base", "head"):
         print(f"{k:>5} {out['backend'][k]:>13} {med[k]:>13.1f}  " + " ".join(f"{x:.1f}" for x in out["tok_s"][k]))
     print(f"head / base = {out['ratio_head_over_base']:.3f}; greedy tokens equal: {same}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    write_json(args.json, out)
 
 
 if __name__ == "__main__":

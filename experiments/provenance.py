@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import platform
 import subprocess
 import sys
@@ -53,3 +54,10 @@ def provenance(argv: list[str] | None = None) -> dict:
     cmd = " ".join([".venv/bin/python", str(Path(argv[0]).resolve().relative_to(ROOT)) if argv else "", *argv[1:]])
     return {"command": cmd, "commit": git_commit(), "machine": machine(), "versions": versions(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def write_json(path: Path | None, data: dict) -> None:
+    """Write a results file (nothing when ``path`` is None)."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=2) + "\n")

@@ -2,7 +2,7 @@
 
 Both default to the physical cores this process may run on (``workbench.cpu.physical_cores``). Measure with
 ``experiments/bench_decode.py --threads 1 2``: in experiments/results/bench_decode.json (SmolLM2-135M-Instruct,
-AMD EPYC with 2 torch threads), the engine decodes batch 1 at 22.3 tok/s with 1 thread and 34.2 with 2.
+AMD EPYC with 2 torch threads), the engine decodes batch 1 at 18.3 tok/s with 1 thread and 30.2 with 2.
 """
 
 from __future__ import annotations

@@ -1,11 +1,16 @@
 """Model backends for the engine: how a batch of new tokens goes through the model and its KV cache.
 
-``hf``: the model's own forward with a transformers ``StaticCache`` (any causal LM).
-``packed-llama``: a lean forward for the Llama family that reads the model's weights repacked once
-(q/k/v and gate/up fused, all matrices stored input-major, which MKL's matrix-vector path reads faster),
-with its own preallocated KV cache. It costs one extra copy of the weights; it is rebuilt automatically when
-any weight or the RoPE frequencies change (tracked through tensor version counters), so model edits are
-never served stale. ``auto`` picks ``packed-llama`` when the model qualifies, else ``hf``.
+``hf``: the model's own forward with a transformers ``StaticCache`` (any causal LM; every hook point).
+``packed-llama``: a lean forward for the Llama-layout families of :mod:`workbench.arch` that reads the model's
+weights repacked once (q/k/v and gate/up fused), with its own preallocated KV cache. It costs one extra copy of
+the layer weights; it is rebuilt automatically when any weight or the RoPE frequencies change (tracked through
+tensor version counters), so model edits are never served stale. ``auto`` picks ``packed-llama`` when the model
+qualifies, else ``hf``.
+
+Every backend takes the interventions of :mod:`workbench.engine.interventions` with each forward
+(``applied``) and either runs them exactly or says why not (``unsupported_interventions``); the engine then
+switches (``auto``) or raises (an explicit backend). Caches can be reordered (beams) and truncated (prefix
+reuse) on both.
 """
 
 from __future__ import annotations
