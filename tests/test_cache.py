@@ -120,3 +120,20 @@ def test_cache_dir_precedence(monkeypatch, tmp_path):
     monkeypatch.setenv("DAERT_CACHE", str(tmp_path / "explicit"))
     assert paths.cache_dir() == tmp_path / "explicit"
     assert paths.models_dir() == tmp_path / "explicit" / "models"
+
+
+def test_force_pull_keeps_the_old_copy_until_the_new_one_is_complete(env):
+    spec, downloader, converter, calls, _ = env
+    d = cache.ensure_cached(spec, downloader=downloader, converter=converter, progress=False)
+    before = (d / cache.MANIFEST).read_text()
+
+    def broken(gguf, out_dir):
+        out_dir.mkdir(parents=True)
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        cache.ensure_cached(spec, downloader=downloader, converter=broken, progress=False, force=True)
+    assert cache.is_cached(spec) and (d / cache.MANIFEST).read_text() == before  # still usable, untouched
+    cache.ensure_cached(spec, downloader=downloader, converter=converter, progress=False, force=True)
+    assert len(calls) == 6 and cache.is_cached(spec)  # pulled again although cached
+    assert not d.with_name(d.name + ".old").exists()

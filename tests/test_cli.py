@@ -7,6 +7,7 @@ import torch
 from workbench.chat import generate, prompt_ids
 from workbench.cli import main
 from workbench.data.windows import token_windows
+from workbench.engine import Engine
 from workbench.eval.perplexity import perplexity
 
 
@@ -32,9 +33,10 @@ def test_generate_chat_template_path(tiny_llama):
     model, tok = tiny_llama
     ids = prompt_ids(tok, [{"role": "user", "content": "hi"}])
     assert tok.decode(ids) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
-    a = generate(model, tok, ids, max_new_tokens=5, temperature=0.8, seed=3)
-    b = generate(model, tok, ids, max_new_tokens=5, temperature=0.8, seed=3)
-    assert a == b  # seeded sampling is reproducible
+    engine = Engine(model, tok)
+    a = generate(engine, ids, max_new_tokens=5, temperature=0.8, seed=3)
+    b = generate(engine, ids, max_new_tokens=5, temperature=0.8, seed=3, on_text=lambda t: None)
+    assert (a.text, a.token_ids) == (b.text, b.token_ids)  # seeded sampling is reproducible, streamed or not
 
 
 @pytest.mark.parametrize("kwargs,msg", [
@@ -45,7 +47,7 @@ def test_generate_chat_template_path(tiny_llama):
 def test_generate_bad_args(tiny_llama, kwargs, msg):
     model, tok = tiny_llama
     with pytest.raises(ValueError, match=msg):
-        generate(model, tok, [1, 2, 3], **kwargs)
+        generate(Engine(model, tok), [1, 2, 3], **kwargs)
 
 
 def test_prompt_checks(tiny_llama):

@@ -8,6 +8,7 @@ import torch
 import workbench
 from workbench.chat import generate, prompt_ids
 from workbench.cli import main
+from workbench.engine import Engine
 from workbench.models import cache
 from workbench.models.registry import get_spec
 
@@ -30,7 +31,7 @@ def test_smollm2_config_and_cache(smollm2):
 def test_smollm2_knows_paris(smollm2):
     model, tok = smollm2
     ids = prompt_ids(tok, [{"role": "user", "content": "What is the capital of France?"}])
-    assert "Paris" in generate(model, tok, ids, max_new_tokens=24)
+    assert "Paris" in generate(Engine(model, tok), ids, max_new_tokens=24).text
 
 
 def test_cli_generate_paris(capsys):

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-from workbench.threads import DEFAULT_POLICY, ThreadPolicy
+from collections.abc import Callable, Sequence
 
 
 def prompt_ids(tokenizer, messages: Sequence[dict], *, chat: bool = True) -> list[int]:
@@ -24,8 +22,7 @@ def prompt_ids(tokenizer, messages: Sequence[dict], *, chat: bool = True) -> lis
 
 
 def generate(
-    model,
-    tokenizer,
+    engine,
     ids: Sequence[int],
     *,
     max_new_tokens: int = 128,
@@ -33,37 +30,65 @@ def generate(
     top_p: float = 1.0,
     top_k: int = 0,
     min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    frequency_penalty: float = 0.0,
+    presence_penalty: float = 0.0,
+    stop: Sequence[str] = (),
     seed: int | None = None,
-    stream: bool = False,
-    threads: ThreadPolicy | None = DEFAULT_POLICY,
     num_beams: int = 0,
     constraint=None,
-    backend: str = "auto",
-) -> str:
-    """Generate a continuation of ``ids`` with the workbench engine; temperature 0 is greedy.
+    on_text: Callable[[str], None] | None = None,
+):
+    """Generate a continuation of ``ids`` with ``engine`` (a :class:`workbench.engine.Engine`, built once and
+    reused across calls: the packed weights are built once); temperature 0 is greedy.
 
-    ``num_beams > 0`` runs beam search (no streaming, no sampling options); ``constraint`` is a
-    :class:`~workbench.engine.Regex` or :class:`~workbench.engine.JsonSchema` the output must match.
-    With ``stream=True`` the text is printed to stdout as it is produced. Returns the new text.
+    ``num_beams > 0`` runs beam search (no sampling options, no constraint); ``constraint`` is a
+    :class:`~workbench.engine.Regex` or :class:`~workbench.engine.JsonSchema` the output must match;
+    ``on_text`` receives the text as it is produced. Returns the :class:`~workbench.engine.GenerationResult`.
     """
-    from workbench.engine import BeamConfig, Engine, GenerationConfig, SamplingParams
+    from workbench.engine import BeamConfig, GenerationConfig, SamplingParams
 
-    engine = Engine(model, tokenizer, threads=threads, backend=backend)
     if num_beams:
         if constraint is not None or temperature:
             raise ValueError("beam search takes no constraint and no sampling temperature")
-        text = engine.generate([list(ids)], BeamConfig(num_beams=num_beams, max_new_tokens=max_new_tokens),
-                               strategy="beam")[0].text
-        if stream:
-            print(text)
-        return text
-    cfg = GenerationConfig(max_new_tokens=max_new_tokens, seed=seed, constraint=constraint,
-                           sampling=SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p))
-    if not stream:
-        return engine.generate([list(ids)], cfg)[0].text
-    parts = []
+        res = engine.generate([list(ids)], BeamConfig(num_beams=num_beams, max_new_tokens=max_new_tokens),
+                              strategy="beam")[0]
+        if on_text:
+            on_text(res.text)
+        return res
+    sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                              repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
+                              presence_penalty=presence_penalty)
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, seed=seed, constraint=constraint, sampling=sampling,
+                           stop_strings=tuple(stop))
+    if on_text is None:
+        return engine.generate([list(ids)], cfg)[0]
+    from workbench.engine import GenerationResult
+
+    res = GenerationResult(list(ids))
     for event in engine.stream([list(ids)], cfg):
-        parts.append(event.text)
-        print(event.text, end="", flush=True)
-    print()
-    return "".join(parts)
+        on_text(event.text)
+        res.text += event.text
+        if not (event.finished and event.finish_reason == "eos"):  # the EOS token is not part of the output
+            res.token_ids.append(event.token_id)
+        res.finish_reason = event.finish_reason
+    return res
+
+
+class Chat:
+    """A conversation on one engine (built once, reused every turn)."""
+
+    def __init__(self, engine, *, system: str | None = None):
+        self.engine = engine
+        self.history: list[dict] = [{"role": "system", "content": system}] if system else []
+
+    def reply(self, user: str, **kwargs) -> str:
+        """Add the user turn, generate the assistant's (``kwargs`` as for :func:`generate`), return its text."""
+        self.history.append({"role": "user", "content": user})
+        try:
+            res = generate(self.engine, prompt_ids(self.engine.tokenizer, self.history), **kwargs)
+        except BaseException:
+            self.history.pop()  # an interrupted or failed turn leaves no trace
+            raise
+        self.history.append({"role": "assistant", "content": res.text.strip()})
+        return res.text

