@@ -12,13 +12,13 @@ matmuls alone: the largest speed-up any forward with the same fp32 weights could
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from provenance import provenance, write_json  # experiments/ is the script's folder
 
 import workbench
 from workbench.chat import prompt_ids
@@ -124,9 +124,7 @@ def main() -> None:
               f"{r['engine_hf_backend_tok_s']:>17.1f} {r.get('engine_python_layers_tok_s', float('nan')):>16.1f} "
               f"{r['hf_tok_s']:>9.1f} {r['ratio']:>6.2f} "
               f"{r.get('ratio_bound', float('nan')):>6.2f} {str(r['greedy_tokens_equal_hf']):>5}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    write_json(args.json, {**provenance(), **out})
 
 
 if __name__ == "__main__":

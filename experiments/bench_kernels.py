@@ -12,12 +12,13 @@ used by the test-suite to keep the script working).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import time
 from pathlib import Path
+
+from provenance import provenance, write_json  # experiments/ is the script's folder
 
 
 def timer(smoke: bool):
@@ -157,9 +158,7 @@ def main(argv=None) -> int:
               f"{r['speedup']:>8.2f} {gbps:>8}")
     out = {"device": "cpu (Triton interpreter, smoke)" if args.smoke else torch.cuda.get_device_name(),
            "torch": torch.__version__, "smoke": args.smoke, "rows": rows}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    write_json(args.json, {**provenance(), **out})
     return 0
 
 

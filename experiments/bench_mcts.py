@@ -13,12 +13,12 @@ tokens it saved through prefix reuse. Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path
 
 import torch
+from provenance import provenance, write_json  # experiments/ is the script's folder
 
 ARITH = [("What is 17 + 25?", 42), ("What is 9 times 7?", 63), ("What is 100 minus 37?", 63),
          ("What is 144 divided by 12?", 12), ("What is 8 + 15 + 7?", 30), ("What is 6 squared?", 36)]
@@ -107,9 +107,7 @@ def main() -> None:
     print(f"\n{'family':>10} {'greedy':>7} {'best-of-N':>10} {'MCTS':>6}")
     for fam, s in out["summary"].items():
         print(f"{fam:>10} {s['greedy']:>7.2f} {s['best_of_n']:>10.2f} {s['mcts']:>6.2f}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    write_json(args.json, {**provenance(), **out})
 
 
 if __name__ == "__main__":

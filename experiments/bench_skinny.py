@@ -11,12 +11,12 @@ kernel reads the packed ``[d_out, d_in]`` weights. Prints a table and writes JSO
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from provenance import provenance, write_json  # experiments/ is the script's folder
 
 
 def time_ms(fn, repeats: int, warmup: int = 1) -> float:
@@ -85,9 +85,8 @@ def main() -> None:
                              "speedup": t_blas / t_sk})
                 print(f"{threads:>7} {m:>4} {t_blas:>8.1f} {t_sk:>9.1f} {t_blas / t_sk:>8.2f}", flush=True)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"model": args.model, "cpu": cpu_name(), "torch": torch.__version__,
-                                         "rows": rows}, indent=1) + "\n")
+        write_json(args.json, {**provenance(), "model": args.model, "cpu": cpu_name(), "torch": torch.__version__,
+                               "rows": rows})
         print(f"wrote {args.json}")
 
 

@@ -14,13 +14,13 @@ Prints a table and writes JSON. Targets: >= 2x on grounded prompts, no more than
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from provenance import provenance, write_json  # experiments/ is the script's folder
 
 PASSAGES = [
     "The Rhine rises in the Swiss Alps, forms part of the Swiss-Austrian and Swiss-German borders, then flows "
@@ -119,9 +119,7 @@ def main() -> None:
         print(f"{r['prompts']:>11} {r['plain_tok_s']:>12.1f} {r['spec_tok_s']:>11.1f} {r['ratio']:>6.2f} "
               f"{r['acceptance_rate']:>7.2f} {r['mean_accepted_per_step']:>9.2f} "
               f"{r['tokens_per_target_forward']:>8.2f} {str(r['outputs_equal']):>6}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    write_json(args.json, {**provenance(), **out})
 
 
 if __name__ == "__main__":

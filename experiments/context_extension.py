@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from provenance import provenance  # experiments/ is the script's folder
 
 NATIVE = 8192
 
@@ -41,7 +42,7 @@ def load(path: Path) -> dict:
 def save(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.write_text(json.dumps({**data, **provenance()}, indent=1) + "\n")  # the newest run that added to it
     tmp.replace(path)
 
 

@@ -14,11 +14,11 @@ writes experiments/results/patching_smollm2.json and experiments/results/patchin
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
+from provenance import provenance, write_json  # experiments/ is the script's folder
 
 PAIRS = {
     "eiffel": ("The Eiffel Tower is in the city of", "The Colosseum is in the city of", " Paris", " Rome"),
@@ -74,8 +74,7 @@ def main() -> None:
     rows["logit_lens"] = {"names": lens.names, "rank_of_answer": ranks,
                           "first_top1": lens.names[first] if first is not None else None}
     print(f"logit lens: {good!r} first ranked 1st at {rows['logit_lens']['first_top1']} (ranks {ranks})")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(rows, indent=1) + "\n")
+    write_json(args.out, {**provenance(), **rows})
     print(f"wrote {args.out} and {args.plots}/*.png")
 
 

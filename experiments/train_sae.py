@@ -15,12 +15,12 @@ and the SAE in SAELens format under $DAERT_CACHE/saes/ (not committed: 42 MB).
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import time
 from pathlib import Path
 
 import torch
+from provenance import provenance, write_json  # experiments/ is the script's folder
 
 
 def main() -> None:
@@ -120,8 +120,7 @@ def main() -> None:
            "dead_fraction_training": result.dead_fraction}
     row["targets_met"] = {k: (got[k] <= v if op == "<=" else got[k] >= v if op == ">=" else got[k] < v)
                           for k, (op, v) in targets.items()}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(row, indent=1) + "\n")
+    write_json(args.out, {**provenance(), **row})
     print(f"\n{'metric':<28}{'value':>12}  target")
     for key, val in [("FVU", metrics["fvu"]), ("explained variance", metrics["explained_variance"]),
                      ("L0", metrics["l0"]), ("CE loss clean", metrics["ce_loss_clean"]),
