@@ -296,3 +296,109 @@ def test_smollm2_hooks_and_offsets_equal_hf(smollm2, backend):
     torch.testing.assert_close(got_read[0], ref_read[0], atol=2e-4, rtol=2e-4)
     assert res.token_ids == ref_tokens
     assert ref_tokens != hf_greedy(model, tok, "The capital of France is", 6)[1]  # the hooks change the output
+
+
+def test_nested_blocks_at_one_point_exit_cleanly(tiny):
+    model, tok = tiny
+    eng = Engine(model, tok)
+    a, b = torch.randn(64), torch.randn(64)
+    with eng.intervene(offsets={"blocks.0.hook_resid_post": a}):
+        with eng.intervene(offsets={"blocks.0.hook_resid_post": b}):
+            pass
+        assert len(eng._interventions) == 1 and eng._interventions[0].offsets["blocks.0.hook_resid_post"] is a
+    assert not eng.interventions
+    with pytest.raises(ValueError, match="not both"), eng.intervene(Interventions(), offsets={"x": a}):
+        pass
+
+
+def test_transformers_output_capturing_hooks_do_not_block_the_packed_backend(tiny):
+    model, tok = tiny
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]), output_hidden_states=True, output_attentions=True)
+    eng = Engine(model, tok)
+    eng.generate(["hi"], GenerationConfig(max_new_tokens=2))
+    assert eng.backend.name == "packed-llama"
+    Engine(model, tok, backend="packed-llama").generate(["hi"], GenerationConfig(max_new_tokens=2))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hooks_opened_after_the_session_starts_count(tiny, backend):
+    model, tok = tiny
+    eng = engine_for(model, tok, backend)
+    ids = tok("hello")["input_ids"]
+
+    def last_only(act, hook):  # the prompt ran unhooked: change only the newest position
+        out = act.clone()
+        out[:, -1] = out[:, -1] * 1.7 + 0.5
+        return out
+    hooks = [("blocks.0.hook_resid_post", last_only)]
+    session = eng.start([ids], 2)
+    with Hooks(model, hooks):
+        got = session.decode(torch.tensor([5]))
+        with torch.no_grad():
+            ref = model(torch.tensor([ids + [5]])).logits[0, -1]
+    torch.testing.assert_close(got[0], ref, atol=2e-5, rtol=2e-5)
+    after = session.decode(torch.tensor([6]))  # the context has closed: plain forward again
+    with torch.no_grad():
+        plain = model(torch.tensor([ids + [5, 6]])).logits[0, -1]
+    assert not torch.allclose(after[0], plain, atol=1e-3)  # its cache holds the hooked step
+    assert not got.requires_grad and not after.requires_grad
+
+
+def test_stream_keeps_the_interventions_of_its_call(tiny):
+    model, tok = tiny
+    eng = Engine(model, tok)
+    cfg = GenerationConfig(max_new_tokens=8, ignore_eos=True)
+    offsets = {k: v[0] for k, v in offset_vectors(model, 1, seed=3).items()}
+    with eng.intervene(offsets=offsets):
+        steered = eng.generate(["hello"], cfg)[0].token_ids
+        events = eng.stream(["hello"], cfg)
+    assert [e.token_id for e in events] == steered != eng.generate(["hello"], cfg)[0].token_ids
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_external_resid_mid_with_engine_resid_pre_offset(tiny, backend):
+    """A Hooks context on resid_mid sees the residual after the engine's resid_pre offset, on every backend."""
+    model, tok = tiny
+    ids = [tok("hello there")["input_ids"]]
+    v = torch.randn(64, generator=torch.Generator().manual_seed(8)) * 2
+    out = {}
+    for name in ("hf", backend):
+        eng = engine_for(model, tok, name)
+        with Hooks(model, [("blocks.1.hook_resid_mid", replacing(9))]), eng.intervene(
+                offsets={"blocks.1.hook_resid_pre": v}):
+            out[name] = eng.start(ids, 0).logits
+    ref_hooks = [("blocks.1.hook_resid_pre", adder(v)), ("blocks.1.hook_resid_mid", replacing(9))]
+    with Hooks(model, ref_hooks), torch.no_grad():
+        ref = model(torch.tensor(ids)).logits[:, -1]
+    torch.testing.assert_close(out["hf"], ref, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(out[backend], ref, atol=2e-5, rtol=2e-5)
+
+
+def test_sliding_window_caches_refuse_rollback_and_mcts_recomputes():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from workbench.engine import SpeculativeConfig
+    from workbench.engine.mcts import EngineLM
+    from workbench.models.tiny import byte_tokenizer
+
+    tok = byte_tokenizer()
+    cfg = MistralConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, sliding_window=8,
+                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model = MistralForCausalLM(cfg).eval()
+    eng = Engine(model, tok, backend="hf")
+    session = eng.start([tok("hello there friend")["input_ids"]], 8)
+    if session.rollback_refusal is None:
+        pytest.skip("this transformers version builds no sliding-window cache layers for Mistral")
+    with pytest.raises(ValueError, match="cannot roll back"):
+        session.rollback(0, 1)
+    with pytest.raises(ValueError, match="rolls back rejected drafts"):
+        eng.generate(["hello"], SpeculativeConfig(max_new_tokens=4), strategy="speculative")
+    lm = EngineLM(eng, max_len=32)
+    for s in ([5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [5, 6, 7, 8, 9, 10, 11, 12, 13, 1]):
+        with torch.no_grad():
+            ref = torch.log_softmax(model(torch.tensor([s])).logits[0, -1], -1)
+        torch.testing.assert_close(lm.next_logprobs(s), ref, atol=1e-5, rtol=1e-5)
+    assert lm.reused_tokens == 0  # each sequence runs anew: no prefix reuse past a sliding window

@@ -44,6 +44,7 @@ class ArchSpec:
     mlp_out: str  # module whose output is added to the residual after the MLP
     mlp_down: str  # its input is the MLP hidden activation (mlp.hook_post)
     o_proj: str  # its input is the per-head attention output (attn.hook_z), heads merged
+    resid_in: str  # its input is the block's residual input, after every hook on the block's input
     pos_embed: str | None = None  # learned absolute positions (GPT-2)
     rotary: str | None = None  # the rotary-embedding module holding ``inv_freq``
     # "out_in": nn.Linear weights [out_features, in_features]; "in_out": GPT-2's Conv1D [in, out]
@@ -61,7 +62,7 @@ class ArchSpec:
 _LLAMA_PATHS = dict(
     layers="model.layers", embed="model.embed_tokens", final_norm="model.norm", unembed="lm_head",
     attn="self_attn", attn_out="self_attn", mlp_out="mlp", mlp_down="mlp.down_proj", o_proj="self_attn.o_proj",
-    rotary="model.rotary_emb",
+    resid_in="input_layernorm", rotary="model.rotary_emb",
 )
 LLAMA = ArchSpec(**_LLAMA_PATHS, packed=LlamaLayout())
 QWEN3 = ArchSpec(**_LLAMA_PATHS, packed=LlamaLayout(q_norm="self_attn.q_norm", k_norm="self_attn.k_norm"))
@@ -70,12 +71,12 @@ QWEN3 = ArchSpec(**_LLAMA_PATHS, packed=LlamaLayout(q_norm="self_attn.q_norm", k
 GEMMA = ArchSpec(
     layers="model.layers", embed="model.embed_tokens", final_norm="model.norm", unembed="lm_head",
     attn="self_attn", attn_out="post_attention_layernorm", mlp_out="post_feedforward_layernorm",
-    mlp_down="mlp.down_proj", o_proj="self_attn.o_proj", rotary="model.rotary_emb",
+    mlp_down="mlp.down_proj", o_proj="self_attn.o_proj", resid_in="input_layernorm", rotary="model.rotary_emb",
     packed_refusal="Gemma layers use sandwich norms, GeGLU, scaled embeddings and local/global RoPE",
 )
 GPT2 = ArchSpec(
     layers="transformer.h", embed="transformer.wte", final_norm="transformer.ln_f", unembed="lm_head",
-    attn="attn", attn_out="attn", mlp_out="mlp", mlp_down="mlp.c_proj", o_proj="attn.c_proj",
+    attn="attn", attn_out="attn", mlp_out="mlp", mlp_down="mlp.c_proj", o_proj="attn.c_proj", resid_in="ln_1",
     pos_embed="transformer.wpe", weight_layout="in_out",
     packed_refusal="GPT-2 uses LayerNorm, learned positions and Conv1D weights",
 )

@@ -1,5 +1,5 @@
 """What this CPU does fast: bfloat16 matmuls need AVX-512-BF16 or AMX on x86; without them torch emulates bf16
-and an autocast forward is several times slower than float32 (seen on an AVX2-only VM). Also how many physical
+and an autocast forward is several times slower than float32. Also how many physical
 cores this process may run on."""
 
 from __future__ import annotations

@@ -65,6 +65,7 @@ class HFBackend:
 
         return HFCache(StaticCache(config=self.model.config, max_cache_len=max_len), max_len)
 
+    @torch.no_grad()
     def forward(self, ids, mask, positions, cache: HFCache, all_positions: bool = False,
                 applied=None) -> torch.Tensor:
         """Run ``ids`` [B, T] (mask: [B, cached + T] key validity) and return the last position's logits
@@ -85,6 +86,7 @@ class HFBackend:
         cache.length = end
         return out.logits if all_positions else out.logits[:, -1]
 
+    @torch.no_grad()
     def reorder(self, cache: HFCache, index: torch.Tensor) -> None:
         """Keep cache rows ``index`` (beam search), in place."""
         for layer in cache.cache.layers:
@@ -92,13 +94,21 @@ class HFBackend:
                 layer.keys.copy_(layer.keys.index_select(0, index))
                 layer.values.copy_(layer.values.index_select(0, index))
 
+    def inexact_rollback(self, cache: HFCache) -> str | None:
+        """Sliding-window layers longer than their window evict by slot: masked or truncated slots would still
+        push real keys out."""
+        for layer in cache.cache.layers:
+            if not getattr(layer, "is_croppable", True) or not hasattr(layer, "crop"):
+                return (f"{type(layer).__name__} layers cannot drop slots (a sliding window shorter than the "
+                        f"{cache.max_len} cache slots)")
+        return None
+
+    @torch.no_grad()
     def truncate(self, cache: HFCache, length: int) -> None:
         """Forget slots from ``length`` on (the next forward overwrites them)."""
         drop = cache.length - length
         if drop > 0:
             for layer in cache.cache.layers:
-                if not hasattr(layer, "crop"):
-                    raise NotImplementedError(f"{type(layer).__name__} cannot be truncated")
                 if getattr(layer, "is_initialized", True):
                     layer.crop(-drop)
         cache.length = length
@@ -420,6 +430,9 @@ class PackedLlamaBackend:
     def truncate(self, cache: KVCache, length: int) -> None:
         """Forget slots from ``length`` on (the next forward overwrites them)."""
         cache.length = min(cache.length, length)
+
+    def inexact_rollback(self, cache: KVCache) -> str | None:
+        return None  # every layer attends to the whole cache (sliding windows are refused up front)
 
 
 BACKENDS = {"hf": HFBackend, "packed-llama": PackedLlamaBackend}

@@ -84,10 +84,15 @@ class Engine:
         self.prefill_chunk = prefill_chunk  # long prompts go through in pieces: attention memory stays O(chunk * L)
         self._compiler = None
         self._interventions: list[Interventions] = []
+        self._siblings: dict[tuple[int, int], Engine] = {}
 
     def sibling(self, model, tokenizer) -> Engine:
-        """An engine for another model with this one's thread policy and sampler (e.g. a draft model)."""
-        return type(self)(model, tokenizer, threads=self.threads, sampler=self.sampler)
+        """An engine for another model with this one's thread policy and sampler (e.g. a draft model), built
+        once per model and reused."""
+        key = (id(model), id(tokenizer))
+        if key not in self._siblings:
+            self._siblings[key] = type(self)(model, tokenizer, threads=self.threads, sampler=self.sampler)
+        return self._siblings[key]
 
     # -- interventions ------------------------------------------------------------------------------
 
@@ -99,6 +104,8 @@ class Engine:
             with engine.intervene(offsets={"blocks.10.hook_resid_post": vec}):
                 engine.generate(prompts, cfg)
         """
+        if interventions is not None and (offsets or hooks):
+            raise ValueError("intervene takes an Interventions or offsets=/hooks=, not both")
         iv = interventions if interventions is not None else Interventions(dict(offsets or {}), tuple(hooks))
         if not isinstance(iv, Interventions):
             raise TypeError(f"intervene takes an Interventions, got {type(iv).__name__}")
@@ -106,7 +113,8 @@ class Engine:
         try:
             yield iv
         finally:
-            self._interventions.remove(iv)
+            # by identity: equal-valued blocks may nest (and tensors do not compare to a bool)
+            del self._interventions[next(i for i, x in enumerate(self._interventions) if x is iv)]
 
     @property
     def interventions(self) -> Interventions:
@@ -156,7 +164,7 @@ class Engine:
         n = len(prompts) if n_requests is None else n_requests
         applied = Applied(self.model, self.interventions, req, n)
         backend = self._choose_backend(applied, max(len(p) for p in prompts) + extra)
-        return Session(self, backend, applied if applied else None, prompts, extra, req)
+        return Session(self, backend, applied, prompts, extra, req)
 
     # -- inputs -------------------------------------------------------------------------------------
 
@@ -240,7 +248,9 @@ class Engine:
     def stream(self, prompts, config: GenerationConfig | Sequence[GenerationConfig] = GENERATION_DEFAULT
                ) -> Iterator[TokenEvent]:
         """Yield :class:`TokenEvent` s as tokens are chosen (rows interleaved, in request order per step)."""
-        return self._run(self._rows(prompts, config, stream=True), stream=True)
+        rows = self._rows(prompts, config, stream=True)
+        # prefill now, so the interventions in force at this call are the ones the stream runs with
+        return self._run(rows, stream=True, session=self._start_rows(rows))
 
     def generate(self, prompts, config=None, *, strategy: str = "sample") -> list[GenerationResult]:
         """Run ``strategy`` (an exact name from :data:`workbench.engine.strategies.STRATEGIES`) and return one
@@ -263,17 +273,20 @@ class Engine:
     def sample(self, prompts, config: GenerationConfig | Sequence[GenerationConfig] = GENERATION_DEFAULT
                ) -> list[GenerationResult]:
         rows = self._rows(prompts, config, stream=False)
-        for _ in self._run(rows, stream=False):
+        for _ in self._run(rows, stream=False, session=self._start_rows(rows)):
             pass
         return [r.result for r in rows]
+
+    def _start_rows(self, rows: list[_Row]) -> Session:
+        with torch.inference_mode():
+            return self.start([r.result.prompt_ids for r in rows], max(r.cfg.max_new_tokens for r in rows))
 
     # -- main loop ----------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def _run(self, rows: list[_Row], stream: bool) -> Iterator[TokenEvent]:
+    def _run(self, rows: list[_Row], stream: bool, session: Session) -> Iterator[TokenEvent]:
         B, dev = len(rows), self.device
         steps = max(r.cfg.max_new_tokens for r in rows)
-        session = self.start([r.result.prompt_ids for r in rows], steps)
         logits = session.logits
         seen = torch.zeros((B, self.vocab_size), dtype=torch.bool, device=dev)
         counts = torch.zeros((B, self.vocab_size), dtype=torch.int32, device=dev)

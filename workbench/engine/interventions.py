@@ -28,7 +28,7 @@ OFFSET_POINTS = ("hook_resid_pre", "hook_resid_post")
 _OFFSET_RE = re.compile(r"blocks\.(\d+)\.(hook_resid_pre|hook_resid_post)")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Interventions:
     """What to change in the forward; pass to :meth:`workbench.engine.Engine.intervene`.
 
@@ -83,7 +83,7 @@ class Applied:
         from workbench.interp.hooks import Hooks, active_hooks, foreign_hooks
 
         self.model = model
-        self.external = active_hooks(model)  # Hooks contexts the user installed around the call
+        self.external = active_hooks(model)  # Hooks contexts installed around the call (see refresh)
         self.foreign = foreign_hooks(model, self.external)  # raw torch hooks nobody here can replay
         self.hooks = Hooks(model, list(iv.hooks)) if iv.hooks else None
         self._raw: dict[tuple[int, str], torch.Tensor] = {}
@@ -104,6 +104,13 @@ class Applied:
                 self._raw[(layer, m.group(2))] = vec[None] if vec.dim() == 1 else vec
         self.offsets: dict[tuple[int, str], torch.Tensor] = {}
         self.select(requests)
+
+    def refresh(self) -> None:
+        """Pick up ``Hooks`` contexts opened or closed since the session started (before every forward).
+        Raw torch hooks are looked for when the session starts."""
+        from workbench.interp.hooks import active_hooks
+
+        self.external = active_hooks(self.model)
 
     def select(self, requests: torch.Tensor) -> None:
         """Re-gather per-request offsets for the cache rows ``requests`` (after a reorder)."""

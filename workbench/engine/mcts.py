@@ -34,9 +34,10 @@ class EngineLM:
     """Next-token log-probabilities for arbitrary sequences through the engine's step API, reusing the KV cache's
     longest common prefix (on every backend: the session is truncated to it and only the rest runs)."""
 
-    def __init__(self, engine, max_len: int):
+    def __init__(self, engine, max_len: int, request: int = 0, n_requests: int = 1):
         self.engine = engine
         self.max_len = max_len
+        self.request, self.n_requests = request, n_requests  # for per-request offsets
         self.session = None
         self.seq: list[int] = []
         self.logits = None
@@ -59,8 +60,9 @@ class EngineLM:
                 break
             lcp += 1
         lcp = min(lcp, len(tokens) - 1)  # at least one token must run to produce logits
-        if self.session is None or lcp == 0:
-            self.session = self.engine.start([tokens], self.max_len - len(tokens))
+        if self.session is None or lcp == 0 or self.session.rollback_refusal:
+            self.session = self.engine.start([tokens], self.max_len - len(tokens), requests=[self.request],
+                                             n_requests=self.n_requests)
             logits, ran, lcp = self.session.logits[0], len(tokens), 0
         else:
             self.session.truncate(lcp)  # slots past the common prefix are overwritten
@@ -210,8 +212,10 @@ def mcts_generate(engine, prompts, cfg: MCTSConfig, lm_factory=None) -> list[Gen
     if not isinstance(cfg, MCTSConfig):
         raise TypeError(f"MCTS takes an MCTSConfig, got {type(cfg).__name__}")
     out = []
-    for ids in engine.encode_all(prompts):
-        lm = lm_factory() if lm_factory else EngineLM(engine, len(ids) + cfg.max_new_tokens + cfg.chunk + 1)
+    all_ids = engine.encode_all(prompts)
+    for i, ids in enumerate(all_ids):
+        lm = lm_factory() if lm_factory else EngineLM(engine, len(ids) + cfg.max_new_tokens + cfg.chunk + 1,
+                                                      request=i, n_requests=len(all_ids))
         decode = lambda t: engine.tokenizer.decode(t, skip_special_tokens=True)  # noqa: E731
         search = MCTS(lm, cfg, decode)
         root, sims = search.search(ids)

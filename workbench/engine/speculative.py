@@ -272,6 +272,9 @@ def speculative_generate(engine, prompts, cfg: SpeculativeConfig) -> list[Genera
             r.logprobs = []
     extra = cfg.max_new_tokens * (cfg.max_draft + 1) + 1
     target = engine.start(ids, extra)
+    if target.rollback_refusal:
+        raise ValueError(f"speculative decoding rolls back rejected drafts, which this model's cache cannot: "
+                         f"{target.rollback_refusal}; use strategy 'sample'")
     first = target.logits[:, None]
     p0 = _probs(first, params)
     pending = _draw(p0[:, 0], gens)

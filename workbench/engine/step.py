@@ -63,6 +63,7 @@ class Session:
             yield
 
     def _forward(self, ids, positions, all_positions):
+        self.applied.refresh()
         with num_threads(self._threads("decode")):
             return self.backend.forward(ids, self.mask[:, : self.filled + ids.shape[1]], positions, self.cache,
                                         all_positions=all_positions, applied=self.applied)
@@ -100,10 +101,18 @@ class Session:
         if self.filled + n > self.capacity:
             raise ValueError(f"session full: {self.filled} + {n} slots > capacity {self.capacity}")
 
+    @property
+    def rollback_refusal(self) -> str | None:
+        """Why :meth:`rollback` / :meth:`truncate` would not be exact on this cache (None: they are)."""
+        return self.backend.inexact_rollback(self.cache)
+
     def rollback(self, row: int, n: int) -> None:
         """Forget the last ``n`` tokens fed to ``row`` (their slots are masked; positions are reused)."""
         if n <= 0:
             return
+        why = self.rollback_refusal
+        if why:
+            raise ValueError(f"cannot roll back on this cache: {why}")
         valid = self.mask[row, : self.filled].nonzero().flatten()
         if n > len(valid):
             raise ValueError(f"row {row} has {len(valid)} tokens, cannot roll back {n}")
@@ -114,6 +123,9 @@ class Session:
         """Forget every slot from ``slots`` on, for all rows; the next tokens overwrite them."""
         if not 0 < slots <= self.filled:
             raise ValueError(f"truncate needs 0 < slots <= {self.filled}, got {slots}")
+        why = self.rollback_refusal
+        if why:
+            raise ValueError(f"cannot truncate this cache: {why}")
         self.backend.truncate(self.cache, slots)
         self.mask[:, slots:] = 0
         self.filled = slots
@@ -128,5 +140,4 @@ class Session:
         self.mask = self.mask.index_select(0, index)
         self.pos = self.pos.index_select(0, index)
         self.requests = self.requests.index_select(0, index)
-        if self.applied is not None:
-            self.applied.select(self.requests)
+        self.applied.select(self.requests)

@@ -18,8 +18,8 @@ def to_transformer_lens(model: nn.Module, tokenizer, *, copy: bool = True, name:
     """
     try:
         from transformer_lens.model_bridge import TransformerBridge
-    except ImportError as e:  # pragma: no cover - the card extra installs it
-        raise ImportError("the TransformerLens bridge needs transformer-lens>=3 (pip install -e .[card])") from e
+    except ImportError as e:  # pragma: no cover - the research extra installs it
+        raise ImportError("the TransformerLens bridge needs transformer-lens>=3 (pip install -e .[research])") from e
     target = _copy.deepcopy(model) if copy else model
     label = name or getattr(model.config, "_name_or_path", None) or model.config.model_type
     param = next(model.parameters())

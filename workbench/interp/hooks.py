@@ -201,16 +201,20 @@ class Hooks:
 
     def _install_block(self, i: int, block: nn.Module, kinds: set[str]) -> None:
         spec, name = self.spec, (lambda kind: f"blocks.{i}.{kind}")
-        if kinds & {"hook_resid_pre", "hook_resid_mid"}:
+        if "hook_resid_pre" in kinds:
             def pre(_module, args, kwargs):
                 hidden = args[0] if args else kwargs["hidden_states"]
-                if "hook_resid_pre" in kinds:
-                    hidden = self._apply(name("hook_resid_pre"), hidden)
-                self._state[i] = hidden
+                hidden = self._apply(name("hook_resid_pre"), hidden)
                 if args:
                     return (hidden, *args[1:]), kwargs
                 return args, {**kwargs, "hidden_states": hidden}
             self._add(block.register_forward_pre_hook(pre, with_kwargs=True))
+        if "hook_resid_mid" in kinds:
+            # the residual the block really adds attention to: the input of its first norm, after every hook on
+            # the block's input (this context's and any other's)
+            def keep_input(_module, args):
+                self._state[i] = args[0]
+            self._add(get_module(block, spec.resid_in).register_forward_pre_hook(keep_input))
         if "attn.hook_z" in kinds:
             o_proj = get_module(block, spec.o_proj)
             n_heads = self.model.config.num_attention_heads
@@ -268,9 +272,16 @@ def foreign_hooks(model: nn.Module, known: Iterable[Hooks] = ()) -> list[str]:
     ids = set().union(*(h.handle_ids for h in known))
     out = []
     for name, m in model.named_modules():
-        if (set(m._forward_hooks) | set(m._forward_pre_hooks)) - ids:
+        hooks = {**m._forward_hooks, **m._forward_pre_hooks}
+        if any(i not in ids and not _inert(fn) for i, fn in hooks.items()):
             out.append(name or "<model>")
     return out
+
+
+def _inert(fn) -> bool:
+    """transformers installs output-capturing hooks for ``output_hidden_states`` / ``output_attentions`` (once
+    asked, for good); they record nothing unless a forward asks for those outputs, which the engine never does."""
+    return getattr(fn, "__module__", "") == "transformers.utils.output_capturing"
 
 
 def count_hooks(model: nn.Module) -> int:
