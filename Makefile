@@ -11,7 +11,7 @@ setup:
 	DAERT_VENV=$(VENV) bash scripts/setup.sh
 
 demo: setup
-	$(VENV)/bin/daert chat -m smollm2-135m-instruct --message "What is the capital of France?" --max-new-tokens 48
+	$(VENV)/bin/daert chat -m smollm2-135m-instruct --device cpu --message "What is the capital of France?" --max-new-tokens 48
 
 test: setup
 	$(VENV)/bin/ruff check .

@@ -2,7 +2,7 @@
 # One-shot, idempotent set-up of the daert environment on a fresh Debian/Ubuntu machine (CPU or CUDA).
 #   - Debian text corpora used by the corpus loader (when run as root with apt-get available)
 #   - a virtual environment in $DAERT_VENV (default: .venv in the repo)
-#   - torch==2.13.0 FIRST, then the project with the card extras under constraints.txt
+#   - torch==2.13.0 FIRST, then the project with the research and dev extras under constraints.txt
 # Re-running is cheap: each step is skipped when its stamp matches the inputs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,7 +39,7 @@ fi
 "$VPY" -m pip install -q --upgrade pip
 echo "[setup] installing torch==2.13.0 first (a looser spec would pull a multi-GB CUDA build)"
 "$VPY" -m pip install -q torch==2.13.0
-echo "[setup] installing daert with the card stack (constraints.txt)"
-"$VPY" -m pip install -q -c constraints.txt -e ".[card,dev]"
+echo "[setup] installing daert with the research and dev extras (constraints.txt)"
+"$VPY" -m pip install -q -c constraints.txt -e ".[research,dev]"
 echo "$want" > "$stamp"
 echo "[setup] done: $VPY"
