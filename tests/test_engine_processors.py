@@ -1,8 +1,8 @@
 """Logits processors against transformers' own warpers, and the sampler against its target distribution."""
 
 import pytest
+import stats
 import torch
-from scipy import stats
 from transformers.generation import logits_process as hf
 
 from workbench.engine import SamplingParams, processors, sampling
@@ -98,6 +98,9 @@ def _empirical(logits_row, params, n, seed=0):
     return torch.bincount(draws, minlength=V), x[0].softmax(-1)
 
 
+N_DRAWS = 20_000  # covers every token of mass >= stats.MIN_SEEN / N_DRAWS = 0.1% by the presence check
+
+
 @pytest.mark.parametrize("params", [
     SamplingParams(temperature=1.0),
     SamplingParams(temperature=0.7, top_k=10),
@@ -105,32 +108,29 @@ def _empirical(logits_row, params, n, seed=0):
     SamplingParams(min_p=0.05),
 ])
 def test_sampler_matches_target_distribution(logits, params):
-    """Chi-square goodness of fit of 20k draws to the processed softmax (fixed seed; p > 1e-3)."""
-    n = 20_000
-    counts, target = _empirical(logits[0], params, n)
-    support = target > 0
-    assert counts[~support].sum() == 0  # never samples a filtered token
-    expected = target[support].double() * n
-    big = expected >= 5  # pool rare bins so the chi-square approximation holds
-    obs = torch.cat([counts[support][big].double(), counts[support][~big].sum().double().view(1)])
-    exp = torch.cat([expected[big], expected[~big].sum().view(1)])
-    if exp[-1] < 5:
-        obs, exp = obs[:-1], exp[:-1]
-    exp = exp * obs.sum() / exp.sum()
-    p = stats.chisquare(obs.numpy(), exp.numpy()).pvalue
-    assert p > 1e-3, p
-    tv = 0.5 * (counts.double() / n - target.double()).abs().sum()
-    assert tv < 0.03
+    """20k draws against the processed softmax (fixed seed): support, presence of every token of mass >= 0.1%,
+    pooled chi-square p > 1e-3, total variation < 0.03."""
+    counts, target = _empirical(logits[0], params, N_DRAWS)
+    stats.check_draws(counts, target, tv_max=0.03)
+    # the same checks at the same number of draws reject a sampler that loses the lightest covered token
+    stats.assert_detects_a_dropped_token(target, N_DRAWS, tv_max=0.03)
 
 
 def test_sampler_detects_a_wrong_distribution(logits):
-    """The same statistic rejects draws from a distorted target (the test above can fail)."""
-    n = 20_000
-    counts, _ = _empirical(logits[0], SamplingParams(temperature=1.0), n)
-    wrong = (logits[0] / 0.8).softmax(-1).double() * n
-    keep = wrong >= 5
-    obs, exp = counts[keep].double(), wrong[keep]
-    assert stats.chisquare(obs.numpy(), (exp * obs.sum() / exp.sum()).numpy()).pvalue < 1e-6
+    """The same statistic rejects the real sampler's draws against a distorted target (the test above can fail)."""
+    counts, _ = _empirical(logits[0], SamplingParams(temperature=1.0), N_DRAWS)
+    assert stats.chisquare_pvalue(counts, (logits[0] / 0.8).softmax(-1)) < 1e-6
+    assert stats.rejects(counts, (logits[0] / 0.8).softmax(-1))
+
+
+def test_sampler_detects_a_dropped_token(logits):
+    """The real sampler's draws fail against a target with one more token than the sampler draws from: top-k=10
+    draws checked against the top-k=11 distribution, whose 11th token has a low mass (0.15%)."""
+    counts, _ = _empirical(logits[0], SamplingParams(top_k=10), N_DRAWS)
+    _, wider = _empirical(logits[0], SamplingParams(top_k=11), 1)
+    extra = float(wider[wider > 0].min())
+    assert stats.MIN_SEEN / N_DRAWS <= extra < 0.01
+    assert stats.rejects(counts, wider)
 
 
 def test_greedy_rows_are_argmax(logits):

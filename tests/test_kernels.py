@@ -9,6 +9,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import stats  # noqa: E402
 from scipy.stats import chisquare  # noqa: E402
 
 from workbench.kernels import aot_check, rope, sae_decode, sampling, spec_verify  # noqa: E402
@@ -42,6 +43,9 @@ def gen(seed=0):
 
 # -- sampling -------------------------------------------------------------------------------------------
 
+# Draws: each is one kernel row, ~35 ms in the CPU interpreter, so few there; the target below is built so that
+# 300 draws still cover every kept token (expected >= stats.MIN_SEEN times), i.e. dropping any one of them fails.
+N_DRAWS = 20_000 if DEV == "cuda" else 300
 SAMPLER_CASES = [
     dict(temperature=0.7, top_p=0.8),
     dict(temperature=1.0, top_k=4),
@@ -50,16 +54,35 @@ SAMPLER_CASES = [
 ]
 
 
+def _designed_logits(V=64):
+    """Eight head tokens (20% down to 5%) and 56 tail tokens sharing 4%, at random positions (the kernel draws
+    in index order), with a little noise so no two are tied. Every filter above keeps 4-8 head tokens, the
+    lightest with >= 6.9% of the filtered mass, and drops head tokens of a few % as well as the whole tail."""
+    g = gen(1)
+    head = torch.tensor([0.2, 0.16, 0.13, 0.11, 0.09, 0.075, 0.06, 0.05])
+    q = torch.full((V,), float(1 - head.sum()) / (V - len(head)))
+    q[torch.randperm(V, generator=g)[: len(head)]] = head
+    return q.log() + 0.05 * torch.randn(V, generator=g)
+
+
 @pytest.mark.parametrize("case", SAMPLER_CASES, ids=range(len(SAMPLER_CASES)))
 def test_sampler_matches_reference_distribution(case):
-    V, N = 19, 300
-    logits = (torch.randn(V, generator=gen(1)) * 2).to(DEV)
-    draws = sampling.sample(logits.expand(N, V), seeds=torch.arange(N, device=DEV), impl="triton", **case)
-    probs = sampling.filtered_probs(logits[None], **case)[0].cpu()
-    support = probs > 0
-    counts = torch.bincount(draws.cpu(), minlength=V).float()
-    assert counts[~support].sum() == 0, "drew a filtered-out token"
-    assert chisquare(counts[support], probs[support] * N).pvalue > 1e-3
+    from workbench.engine import SamplingParams
+    from workbench.engine import processors as P
+
+    logits = _designed_logits()
+    V = logits.numel()
+    draws = sampling.sample(logits.to(DEV).expand(N_DRAWS, V), seeds=torch.arange(N_DRAWS, device=DEV),
+                            impl="triton", **case)
+    probs = sampling.filtered_probs(logits[None], **case)[0]
+    if not ("top_k" in case and "top_p" in case):  # where the semantics agree: the engine's processors (= HF's)
+        x = P.process(logits[None], [SamplingParams(**case)], torch.zeros(1, V, dtype=torch.bool),
+                      torch.zeros(1, V, dtype=torch.int32))
+        torch.testing.assert_close(probs, x[0].softmax(-1), rtol=1e-5, atol=1e-7)
+    stats.check_draws(torch.bincount(draws.cpu(), minlength=V), probs, all_covered=True)
+    # negative control: at this many draws the same checks reject a sampler that loses the lightest kept token
+    dropped = stats.assert_detects_a_dropped_token(probs, N_DRAWS)
+    assert probs[dropped] == probs[probs > 0].min()
 
 
 def test_sampler_filters_equal_engine_processors():
@@ -275,6 +298,32 @@ def test_engine_with_fused_sampler():
     assert fused.generate(["hi"], hot)[0].token_ids == fused.generate(["hi"], hot)[0].token_ids
     with pytest.raises(ValueError, match="cannot combine top-k with top-p"):
         fused.generate(["hi"], GenerationConfig(sampling=SamplingParams(top_k=3, top_p=0.5)))
+
+
+def test_engine_fused_top_p_follows_the_nucleus():
+    """The engine's kernel path with top-p: the first token's draws follow the model's nucleus distribution.
+    A logit bias puts most of the mass on a few tokens, so that N_DRAWS rows (one per request, each with its
+    own seed) cover every token of the nucleus; the token just outside it carries ~7%, so a leak shows."""
+    import math
+
+    from workbench.engine import Engine, GenerationConfig, SamplingParams
+    from workbench.models.tiny import build_tiny
+
+    model, tok = build_tiny("llama")
+    model = model.to(DEV)
+    bias = {ord("a") + i: 12 + math.log(w) for i, w in enumerate([0.3, 0.2, 0.15, 0.12, 0.09, 0.07, 0.05, 0.02])}
+    params = SamplingParams(temperature=0.9, top_p=0.9, logit_bias=bias)
+    cfgs = [GenerationConfig(max_new_tokens=1, ignore_eos=True, seed=s, sampling=params) for s in range(N_DRAWS)]
+    res = Engine(model, tok, sampler="triton").generate(["hi"] * N_DRAWS, cfgs)
+    with torch.no_grad():
+        x = model(torch.tensor([res[0].prompt_ids], device=DEV)).logits[0, -1].float().cpu()
+    for t, b in bias.items():
+        x[t] += b
+    probs = sampling.filtered_probs(x[None], 0.9, top_p=0.9)[0]
+    assert 3 <= int((probs > 0).sum()) <= 8
+    counts = torch.bincount(torch.tensor([r.token_ids[0] for r in res]), minlength=probs.numel())
+    stats.check_draws(counts, probs, all_covered=True)
+    stats.assert_detects_a_dropped_token(probs, N_DRAWS)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU, run the benchmark itself")

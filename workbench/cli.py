@@ -65,6 +65,9 @@ MODELS_EXAMPLES = """examples:
   daert models list
   daert models pull smollm2-135m-instruct --force
 """
+CORPORA_EXAMPLES = """examples:
+  daert corpora list
+"""
 PPL_EXAMPLES = """examples:
   daert ppl --corpus gpl-3 --window 1024 --max-windows 8
 """
@@ -124,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--threads", type=int, default=None, help="torch CPU threads (None: the physical cores)")
     ppl.add_argument("--json-out", type=Path, default=None, help="also write the result as JSON here")
 
-    corp = sub.add_parser("corpora", help="offline text corpora", formatter_class=_Help)
+    corp = sub.add_parser("corpora", help="offline text corpora", epilog=CORPORA_EXAMPLES, formatter_class=_Help)
     csub = corp.add_subparsers(dest="action", required=True)
     csub.add_parser("list", help="named corpora and whether they are installed")
     return parser
