@@ -19,7 +19,16 @@ def tiny_llama():
 
 
 @pytest.fixture(scope="session")
-def smollm2():
+def _smollm2_session():
     import workbench
 
     return workbench.load("smollm2-135m-instruct", device="cpu", progress=False)
+
+
+@pytest.fixture
+def smollm2(request):
+    """SmolLM2-135M-Instruct, loaded once; only for tests marked ``realmodel`` (``-m "not realmodel"`` must
+    deselect every test that loads it, or pulls it on first use)."""
+    if request.node.get_closest_marker("realmodel") is None:
+        pytest.fail(f"{request.node.nodeid} uses the smollm2 fixture without @pytest.mark.realmodel")
+    return request.getfixturevalue("_smollm2_session")  # after the check: no load for an unmarked test

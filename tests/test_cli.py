@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from corpora import require
 
 from workbench.chat import generate, prompt_ids
 from workbench.cli import main
@@ -71,6 +72,7 @@ def test_chat_from_stdin_needs_text(capsys, monkeypatch):
 
 
 def test_ppl_command(tmp_path, capsys, tiny_llama):
+    require("gpl-3")
     out_json = tmp_path / "r" / "ppl.json"
     rc = main(["ppl", "-m", "tiny-llama", "--corpus", "gpl-3", "--window", "64", "--max-windows", "3",
                "--json-out", str(out_json)])

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from corpora import require
 
 from workbench.data import corpus
 from workbench.data.corpus import iter_documents, load_documents
@@ -16,6 +17,7 @@ from workbench.errors import CorpusUnavailableError, UnknownNameError
     ("fortunes", 10_000, "--"),
 ])
 def test_named_sources_give_real_english(name, min_docs, needle):
+    require(name)
     docs = load_documents(name)
     assert len(docs) >= min_docs
     assert any(needle in d for d in docs)
@@ -24,12 +26,14 @@ def test_named_sources_give_real_english(name, min_docs, needle):
 
 
 def test_fortunes_are_split_per_fortune():
+    require("fortunes")
     docs = load_documents("fortunes")
     assert not any("\n%\n" in d for d in docs)
     assert all(len(d) < 20_000 for d in docs)
 
 
 def test_max_documents():
+    require("gcide")
     assert len(load_documents("gcide", max_documents=5)) == 5
 
 
@@ -94,6 +98,7 @@ def test_windows_options(tiny_llama):
 
 
 def test_windows_from_named_corpus(tiny_llama):
+    require("gpl-3")
     _, tok = tiny_llama
     w = token_windows(tok, "gpl-3", 128, max_windows=4)
     assert w.shape == (4, 128)

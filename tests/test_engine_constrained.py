@@ -27,9 +27,16 @@ def engine():
     return Engine(*build_tiny("llama"))
 
 
-def test_token_bytes_round_trip(engine, smollm2):
+def test_token_bytes_of_the_byte_tokenizer(engine):
     tok = engine.tokenizer
-    assert token_bytes(tok)[ord("A")] == b"A" and tok.eos_token_id not in token_bytes(tok)
+    table = token_bytes(tok)
+    assert table[ord("A")] == b"A" and tok.eos_token_id not in table
+    ids = tok("Héllo wörld, 42!", add_special_tokens=False)["input_ids"]
+    assert b"".join(table[i] for i in ids).decode() == "Héllo wörld, 42!"
+
+
+@pytest.mark.realmodel
+def test_token_bytes_round_trip_smollm2(smollm2):
     _, big = smollm2
     table = token_bytes(big)
     ids = big("Héllo wörld, 42!")["input_ids"]

@@ -253,28 +253,52 @@ def test_activation_patching_exact_cells(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["hook_resid_pre", "hook_attn_out", "attn.hook_z", "mlp.hook_post"])
-def test_attribution_patching_is_the_first_order_term(kind):
+def test_attribution_patching_is_the_first_order_term(kind, monkeypatch):
+    """Every cell's attribution (one backward pass through the hooks) against an independent reference: the
+    central finite difference of the metric along that cell's (clean - corrupted) activation difference,
+    forward passes only. Cells must be non-trivial (not all zero), so a zero gradient cannot pass."""
+    from transformers.models.llama import modeling_llama
+
+    def rms_norm_in_input_dtype(self, h):
+        return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+    # HF's RMSNorm normalises in float32 even in a float64 model: ~1e-7 rounding noise in every forward, which a
+    # central difference divides by eps (1e-4 error at eps=1e-3). The same norm in float64 makes the reference
+    # exact to O(eps^2); attribution and reference both run on this same model.
+    monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", rms_norm_in_input_dtype)
     model, tok = build_tiny("llama")
     model = model.double().eval()
     clean, corrupt = _pair(tok)
     metric = logit_diff(int(tok.convert_tokens_to_ids("M")), int(tok.convert_tokens_to_ids("J")))
     attr = attribution_patching(model, clean, corrupt, metric, kind=kind)
-    layer, pos = 1, int((clean != corrupt).nonzero()[0, 1]) + 1
-    name = f"blocks.{layer}.{kind}"
-    _, cc = run_with_cache(model, clean, names=[name])
-    _, kc = run_with_cache(model, corrupt, names=[name])
-    eps = 1e-3  # central difference: O(eps^2) error (rotary tables stay float32, so tiny eps is noise)
+    n, T = model.config.num_hidden_layers, clean.shape[1]
+    diff_pos = int((clean != corrupt).nonzero()[0, 1])
+    eps = 1e-4  # central difference: O(eps^2) error, ~1e-9 here
+    rows = torch.arange(T)
+    fd = torch.zeros(n, T, dtype=torch.float64)
+    for layer in range(n):
+        name = f"blocks.{layer}.{kind}"
+        _, cc = run_with_cache(model, clean, names=[name])
+        _, kc = run_with_cache(model, corrupt, names=[name])
+        delta = (cc[name] - kc[name])[0]
 
-    def nudged(e):
-        def nudge(act, _h):
-            act = act.clone()
-            act[:, pos] += e * (cc[name][:, pos] - kc[name][:, pos])
-            return act
-        with torch.no_grad():
-            return metric(run_with_hooks(model, corrupt, fwd_hooks=[(name, nudge)]).logits)
+        def nudged(e, name=name, delta=delta):
+            def nudge(act, _h):  # batch row j nudges position j only
+                act = act.clone()
+                act[rows, rows] += e * delta
+                return act
+            with torch.no_grad():
+                return metric(run_with_hooks(model, corrupt.expand(T, -1), fwd_hooks=[(name, nudge)]).logits)
 
-    fd = float((nudged(eps) - nudged(-eps)) / (2 * eps))
-    assert attr.raw[layer, pos] == pytest.approx(fd, rel=1e-3, abs=1e-7)
+        fd[layer] = (nudged(eps) - nudged(-eps)) / (2 * eps)
+    scale = float(fd.abs().max())
+    assert scale > 1e-2, scale  # the corrupted token moves the metric: the reference itself is not vacuous
+    assert int((fd.abs() > 1e-3 * scale).sum()) >= n * (T - diff_pos) // 2  # many cells carry a signal
+    assert fd[:, :diff_pos].abs().max() == 0 and attr.raw[:, :diff_pos].abs().max() == 0  # identical prefix
+    # measured: max abs error 3.5e-9, max relative 7.7e-8 (raw is cast to float32: 2^-24 = 6e-8 per value);
+    # rtol 1e-6 and atol 1e-8 leave ~3x-10x of that, four orders below the cell values
+    torch.testing.assert_close(attr.raw.double(), fd, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(attr.scores * (attr.clean_metric - attr.corrupted_metric), attr.raw)
     assert not torch.is_grad_enabled() or all(p.grad is None for p in model.parameters())
 
 

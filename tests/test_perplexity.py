@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from corpora import require
 
 from workbench.data.windows import token_windows
 from workbench.eval.perplexity import perplexity
@@ -9,6 +10,7 @@ from workbench.eval.perplexity import perplexity
 
 @pytest.fixture(scope="module")
 def windows(tiny_llama):
+    require("gpl-3")
     return token_windows(tiny_llama[1], "gpl-3", 48, max_windows=5)
 
 
@@ -33,9 +35,14 @@ def test_uniform_model_has_vocab_perplexity(windows):
     from workbench.models.tiny import build_tiny
 
     model, tok = build_tiny("gpt2", seed=1)
+    emb = model.get_input_embeddings().weight
+    assert model.lm_head.weight is emb  # tied to the embeddings in GPT-2: untie first, then zero the head
+    before = emb.detach().clone()
+    model.lm_head.weight = torch.nn.Parameter(emb.detach().clone())
     with torch.no_grad():
-        model.lm_head.weight.zero_()  # tied to the embeddings in GPT-2: untie first
-    model.lm_head.weight = torch.nn.Parameter(torch.zeros_like(model.lm_head.weight))
+        model.lm_head.weight.zero_()
+    # the head alone is zero: the embeddings still feed real hidden states into it
+    assert model.lm_head.weight.data_ptr() != emb.data_ptr() and torch.equal(emb, before) and before.abs().sum() > 0
     res = perplexity(model, windows, progress=False)
     assert res.ppl == pytest.approx(len(tok), rel=1e-5)
 

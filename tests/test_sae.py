@@ -6,6 +6,7 @@ from html.parser import HTMLParser
 
 import pytest
 import torch
+from corpora import require
 
 from workbench.interp import run_with_cache
 from workbench.models.tiny import build_tiny
@@ -318,6 +319,7 @@ def tiny():
 
 
 def _store(tiny, **kw):
+    require("common-licenses")
     model, tok = tiny
     args = dict(sources=("common-licenses",), context_size=32, batch_size=128, buffer_batches=4,
                 windows_per_forward=8, holdout_every=5)
@@ -459,6 +461,7 @@ def test_proportional_mix_spreads_every_source():
     from workbench.data.corpus import iter_documents
     from workbench.sae.store import _documents
 
+    require("devil", "jargon")
     devil_docs = list(iter_documents("devil"))
     devil = set(devil_docs)
     stream = list(_documents(("devil", "jargon"), "proportional", seed=0))
@@ -471,3 +474,39 @@ def test_proportional_mix_spreads_every_source():
     assert sum(d in devil for d in rr[: 2 * len(devil_docs)]) == len(devil_docs)  # round-robin: devil all used up early
     with pytest.raises(ValueError, match="unknown mix"):
         StoreConfig(HOOK, mix="random")
+
+
+def test_two_process_training_equals_one_process(tmp_path):
+    """The multi-GPU path (TrainConfig(accelerate=True): accelerate's DDP wrapper) on 2 CPU processes over gloo:
+    each process trains on half of every batch; after one step, and after two (the second with AuxK on the
+    latents the first left silent), both hold the weights of one process training on the whole batches."""
+    import os
+    import subprocess
+    import sys
+
+    import sae_ddp_worker as W
+    from conftest import REPO
+
+    # torchrun is what `accelerate launch` runs; ACCELERATE_USE_CPU=1 is what its --cpu sets (without it
+    # accelerate ignores the process group on a CPU machine and every process trains alone)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(REPO / "tests" / "sae_ddp_worker.py"), str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    init = W.sae().state_dict()
+    for steps in W.STEPS:
+        data = W.batches(steps)
+        one, history = W.train(data, steps * W.BATCH)
+        half, _ = W.train([b.chunk(2)[0] for b in data], steps * W.BATCH // 2)  # one process, half the data
+        ranks = [torch.load(tmp_path / f"steps{steps}_rank{r}.pt") for r in range(2)]
+        for name, ref in one.items():
+            assert torch.equal(ranks[0][name], ranks[1][name]), name  # all-reduced gradients: identical steps
+            # fp32: the mean of two half-batch gradients is the whole-batch mean up to rounding. Measured max
+            # 1.2e-7 (one ulp of b_dec ~ 2); 1e-6 allows 8x that. Adam's first steps move every weight by ~lr
+            # = 1e-2, and training on one half alone ends >= 1e-2 away: both far outside the tolerance.
+            torch.testing.assert_close(ranks[0][name], ref, rtol=0, atol=1e-6, msg=name)
+            assert float((ref - init[name]).abs().max()) > 5e-3, name
+            assert float((half[name] - ref).abs().max()) > 1e-2, name
+        if steps > 1:
+            assert history[-1]["aux"] > 0  # the second step trained dead latents through AuxK

@@ -97,10 +97,14 @@ def train_sae(sae: SparseAutoencoder, batches: Iterable[torch.Tensor], cfg: Trai
         run = wandb.init(project=cfg.wandb_project, config={"sae": core.cfg.to_dict(), "train": asdict(cfg)})
     it = iter(batches)
     first = next(it).to(device) * cfg.input_scale
+    # With accelerate each process gets its own (equal-sized) part of every batch: token counts, the b_dec
+    # initialisation and the fired latents are over all processes, so every process takes the same steps.
+    n_proc = accelerator.num_processes if accelerator else 1
     if cfg.init_b_dec == "mean":
         with torch.no_grad():
-            core.b_dec.copy_(first.mean(0))
-    batch_size = first.shape[0]
+            mean = first.mean(0)
+            core.b_dec.copy_(accelerator.reduce(mean, "mean") if n_proc > 1 else mean)
+    batch_size = first.shape[0] * n_proc  # tokens per step, all processes
     total_steps = max(1, cfg.total_tokens // batch_size)
     since_fired = torch.zeros(core.cfg.d_sae, dtype=torch.long, device=device)
     aux_after = cfg.dead_after_tokens if cfg.aux_after_tokens is None else cfg.aux_after_tokens
@@ -138,8 +142,9 @@ def train_sae(sae: SparseAutoencoder, batches: Iterable[torch.Tensor], cfg: Trai
             if unit_decoder:
                 core.normalize_decoder()
             with torch.no_grad():
+                fired = accelerator.reduce(out.fired.int(), "sum") > 0 if n_proc > 1 else out.fired
                 since_fired += batch_size
-                since_fired[out.fired] = 0
+                since_fired[fired] = 0
             tokens = (step + 1) * batch_size
             if next_resample and tokens >= next_resample:
                 next_resample += cfg.resample_every_tokens
