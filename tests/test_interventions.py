@@ -402,3 +402,20 @@ def test_sliding_window_caches_refuse_rollback_and_mcts_recomputes():
             ref = torch.log_softmax(model(torch.tensor([s])).logits[0, -1], -1)
         torch.testing.assert_close(lm.next_logprobs(s), ref, atol=1e-5, rtol=1e-5)
     assert lm.reused_tokens == 0  # each sequence runs anew: no prefix reuse past a sliding window
+
+
+def test_residual_constructor_places_one_vector_per_layer(tiny):
+    model, tok = tiny
+    v = torch.randn(64, generator=torch.Generator().manual_seed(11))
+    iv = Interventions.residual({0: v, 1: -v}, point="hook_resid_pre")
+    assert set(iv.offsets) == {"blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"}
+    eng = Engine(model, tok)
+    ids = [tok("hello")["input_ids"]]
+    with eng.intervene(iv):
+        a = eng.start(ids, 0).logits
+    with eng.intervene(offsets={"blocks.0.hook_resid_pre": v, "blocks.1.hook_resid_pre": -v}):
+        b = eng.start(ids, 0).logits
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, eng.start(ids, 0).logits, atol=1e-3)
+    with pytest.raises(ValueError, match="point must be one of"):
+        Interventions.residual({0: v}, point="hook_mlp_out")

@@ -178,6 +178,12 @@ def _engine(args, model, tok):
     return Engine(model, tok, threads=threads, backend=args.backend)
 
 
+def _sampling(args) -> dict:
+    """The sampling and penalty flags, as ``SamplingParams`` / ``chat.generate`` keywords."""
+    return {name: getattr(args, name) for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+                                                    "frequency_penalty", "presence_penalty")}
+
+
 SAMPLING_FLAGS = (("top_p", 1.0), ("top_k", 0), ("min_p", 0.0))
 PENALTY_FLAGS = (("repetition_penalty", 1.0), ("frequency_penalty", 0.0), ("presence_penalty", 0.0))
 
@@ -238,16 +244,11 @@ def _cmd_generate(args) -> int:
     engine = _engine(args, model, tok)
     ids = [prompt_ids(tok, _messages(args.system, [{"role": "user", "content": p}]), chat=not args.raw)
            for p in prompts]
-    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-                              repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
-                              presence_penalty=args.presence_penalty)
+    sampling = SamplingParams(**_sampling(args))
     t0 = time.perf_counter()
     if strategy == "sample" and len(ids) == 1 and not args.json:  # stream the one reply
-        generate(engine, ids[0], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                 top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                 frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty,
-                 stop=args.stop, seed=args.seed, constraint=constraint,
-                 on_text=lambda t: print(t, end="", flush=True))
+        generate(engine, ids[0], max_new_tokens=args.max_new_tokens, stop=args.stop, seed=args.seed,
+                 constraint=constraint, on_text=lambda t: print(t, end="", flush=True), **_sampling(args))
         print()
         return 0
     if strategy == "beam":
@@ -297,10 +298,8 @@ def _cmd_chat(args) -> int:
 
     def reply(user: str) -> None:
         print("assistant> ", end="", flush=True)
-        chat.reply(user, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                   top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                   frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty,
-                   stop=args.stop, seed=args.seed, on_text=lambda t: print(t, end="", flush=True))
+        chat.reply(user, max_new_tokens=args.max_new_tokens, stop=args.stop, seed=args.seed,
+                   on_text=lambda t: print(t, end="", flush=True), **_sampling(args))
         print()
 
     if interactive:

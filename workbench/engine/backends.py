@@ -73,13 +73,11 @@ class HFBackend:
         end = cache.length + ids.shape[1]
         if end > cache.max_len:
             raise ValueError(f"KV cache overflow: {end} > {cache.max_len}")
-        pairs = applied.hf_pairs() if applied else []
+        context = applied.hf_context() if applied is not None else None
         kw = dict(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                   logits_to_keep=0 if all_positions else 1, **{self.cache_kwarg: cache.cache})
-        if pairs:
-            from workbench.interp.hooks import Hooks
-
-            with Hooks(self.model, pairs):
+        if context is not None:
+            with context:
                 out = self.model(**kw)
         else:
             out = self.model(**kw)
@@ -151,7 +149,7 @@ def _cat_bias(*mods):
 # hook points the fused native loop runs between its layers; every other one (but the pattern) takes the
 # Python layer loop
 _NATIVE_KINDS = frozenset({"hook_embed", "hook_resid_pre", "hook_resid_post", "ln_final.hook_normalized"})
-_PACKED_UNSUPPORTED = frozenset({"attn.hook_pattern"})
+_PACKED_UNSUPPORTED = frozenset({"attn.hook_pattern"})  # exists only in the model's eager attention
 
 
 class PackedLlamaBackend:
@@ -192,10 +190,9 @@ class PackedLlamaBackend:
         device = next(model.parameters()).device
         if device.type != "cpu":
             return f"the weights are on {device}; the packed backend runs on CPU"
-        rope = getattr(get_module(model, spec.rotary), "inv_freq", None) if spec.rotary else None
-        if rope is None:
+        rope = get_module(model, spec.rotary) if spec.rotary else None
+        if getattr(rope, "inv_freq", None) is None:
             return "no rotary embedding with inv_freq found"
-        rope = get_module(model, spec.rotary)
         if getattr(rope, "rope_type", "default") not in cls.STATIC_ROPE:
             return f"rope_type {rope.rope_type!r} changes with sequence length"
         if getattr(rope, "_daert_dynamic_rope", False):
@@ -225,10 +222,10 @@ class PackedLlamaBackend:
 
             return (f"torch hooks on {describe(applied.foreign)} that were not installed through "
                     "workbench.interp.Hooks or Engine.intervene")
-        bad = {n for n in applied.names if n.rsplit(".", 2)[-1] == "hook_pattern"}
-        if bad:
+        if applied.kinds & _PACKED_UNSUPPORTED:
             from workbench.engine.interventions import describe
 
+            bad = {n for n in applied.names if n.endswith(tuple(_PACKED_UNSUPPORTED))}
             return f"attention patterns ({describe(bad)}) exist only in the model's eager attention"
         return None
 
@@ -358,8 +355,7 @@ class PackedLlamaBackend:
         h = F.embedding(ids, self.embed)
         if iv is not None:
             h = iv.apply("hook_embed", None, "hook_embed", h)
-        if self.native is not None and (iv is None or all(n.split(".")[-1] in _NATIVE_KINDS or n in _NATIVE_KINDS
-                                                           for n in iv.names)):
+        if self.native is not None and (iv is None or iv.kinds <= _NATIVE_KINDS):
             # a few new tokens per row (decode, verification): the fused loop; its attention is a plain loop,
             # so longer prefills take the ATen loop (bitwise the Python one) and its blocked SDPA
             run = self.native.decode_layers if T <= self.FUSED_MAX_TOKENS else self.native.layers_forward

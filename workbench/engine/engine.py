@@ -19,7 +19,7 @@ from workbench.engine import processors, sampling
 from workbench.engine.backends import PackedLlamaBackend, make_backend
 from workbench.engine.config import GenerationConfig
 from workbench.engine.interventions import NONE, Applied, Interventions
-from workbench.engine.results import GenerationResult, TokenEvent, TokenLogprob
+from workbench.engine.results import GenerationResult, TokenEvent, TokenLogprob, token_logprobs
 from workbench.engine.step import Session
 from workbench.engine.stopping import Stopper
 from workbench.engine.strategies import get_strategy
@@ -34,7 +34,10 @@ class _Row:
     cfg: GenerationConfig
     generator: torch.Generator
     stop: Stopper
-    guide: object | None = None  # constrained.RowGuide
+
+    @property
+    def guide(self):  # constrained.RowGuide or None
+        return self.stop.guide
 
     @property
     def result(self) -> GenerationResult:
@@ -203,13 +206,15 @@ class Engine:
         return frozenset(eos_token_ids) if eos_token_ids is not None else self.default_eos()
 
     def stopper(self, prompt_ids: list[int], max_new_tokens: int, *, eos_token_ids=None, ignore_eos=False,
-                stop_strings: Sequence[str] = (), guide=None, stream: bool = False) -> Stopper:
-        """A request's stop state (EOS, token budget, stop strings) around a fresh result."""
+                stop_strings: Sequence[str] = (), guide=None, stream: bool = False,
+                logprobs: int | None = None) -> Stopper:
+        """A request's stop state (EOS, token budget, stop strings) around a fresh result (collecting logprobs
+        when ``logprobs`` is not None)."""
         eos = self.stop_ids(eos_token_ids, ignore_eos)
         if guide is not None:
             eos = eos | {guide.eos_token_id}  # the automaton ends a match with the tokenizer's EOS
         return Stopper(self.tokenizer, GenerationResult(prompt_ids), eos, max_new_tokens, stop_strings, guide,
-                       want_text=stream)
+                       want_text=stream, logprobs=logprobs is not None)
 
     def generator(self, seed: int | None) -> torch.Generator:
         """A request's own random generator (seeded, or from torch's global RNG when ``seed`` is None)."""
@@ -237,10 +242,8 @@ class Engine:
                 raise TypeError(f"config must be a GenerationConfig, got {type(cfg).__name__}")
             guide = self.guide(cfg.constraint) if cfg.constraint is not None else None
             stop = self.stopper(p, cfg.max_new_tokens, eos_token_ids=cfg.eos_token_ids, ignore_eos=cfg.ignore_eos,
-                                stop_strings=cfg.stop_strings, guide=guide, stream=stream)
-            if cfg.logprobs is not None:
-                stop.result.logprobs = []
-            rows.append(_Row(cfg, self.generator(cfg.seed), stop, guide))
+                                stop_strings=cfg.stop_strings, guide=guide, stream=stream, logprobs=cfg.logprobs)
+            rows.append(_Row(cfg, self.generator(cfg.seed), stop))
         return rows
 
     # -- entry points -------------------------------------------------------------------------------
@@ -323,13 +326,11 @@ class Engine:
                 seen[live, tokens[live]] = True
                 counts[live, tokens[live]] += 1
                 token_list = tokens.tolist()
-                lps = token_logprobs(x, token_list, want_lp) if any_lp else [None] * B
+                lps = token_logprobs(torch.log_softmax(x.float(), -1), token_list, want_lp) if any_lp else [None] * B
                 for i in live.tolist():
                     r = rows[i]
-                    delta, kept = r.stop.push(token_list[i])
+                    delta, kept = r.stop.push(token_list[i], lps[i])
                     lp = lps[i] if kept else None
-                    if lp is not None:
-                        r.result.logprobs.append(lp)
                     if stream:
                         yield TokenEvent(i, token_list[i], delta, r.done, r.result.finish_reason, lp)
                 if all(r.done for r in rows):
@@ -348,21 +349,3 @@ class Engine:
         from workbench.kernels._launch import triton_importable
 
         return ok and self.device.type == "cuda" and triton_importable()
-
-
-def token_logprobs(processed: torch.Tensor, tokens: Sequence[int], top: Sequence[int | None]
-                   ) -> list[TokenLogprob | None]:
-    """Per row: the chosen token's ``log_softmax(processed)`` and the ``top[row]`` best alternatives (None where
-    a row asked for no logprobs)."""
-    lp = torch.log_softmax(processed.float(), -1)
-    kmax = max((k for k in top if k), default=0)
-    best = torch.topk(lp, kmax, -1) if kmax else None
-    chosen = lp.gather(1, torch.as_tensor(tokens, device=lp.device)[:, None])[:, 0].tolist()
-    out: list[TokenLogprob | None] = []
-    for i, k in enumerate(top):
-        if k is None:
-            out.append(None)
-            continue
-        alts = tuple(zip(best.indices[i, :k].tolist(), best.values[i, :k].tolist(), strict=True)) if k else ()
-        out.append(TokenLogprob(tokens[i], chosen[i], alts))
-    return out

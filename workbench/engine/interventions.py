@@ -83,9 +83,9 @@ class Applied:
         from workbench.interp.hooks import Hooks, active_hooks, foreign_hooks
 
         self.model = model
-        self.external = active_hooks(model)  # Hooks contexts installed around the call (see refresh)
-        self.foreign = foreign_hooks(model, self.external)  # raw torch hooks nobody here can replay
         self.hooks = Hooks(model, list(iv.hooks)) if iv.hooks else None
+        self._collect(active_hooks(model))  # Hooks contexts installed around the call (see refresh)
+        self.foreign = foreign_hooks(model, self.external)  # raw torch hooks nobody here can replay
         self._raw: dict[tuple[int, str], torch.Tensor] = {}
         if iv.offsets:
             n_layers = len(get_module(model, arch_of(model).layers))
@@ -105,28 +105,28 @@ class Applied:
         self.offsets: dict[tuple[int, str], torch.Tensor] = {}
         self.select(requests)
 
+    def _collect(self, external: list) -> None:
+        """The hook contexts in force and the hook points they sit on (``names``; ``kinds``: the same without
+        ``blocks.{i}.``)."""
+        self.external = external
+        points = [p for h in (*external, *([self.hooks] if self.hooks else [])) for p in h.points.values()]
+        self.names = {p.name for p in points}
+        self.kinds = {p.kind for p in points}
+
     def refresh(self) -> None:
-        """Pick up ``Hooks`` contexts opened or closed since the session started (before every forward).
-        Raw torch hooks are looked for when the session starts."""
+        """Pick up ``Hooks`` contexts opened or closed since the rows were prefilled (before every forward).
+        Raw torch hooks are looked for at the prefill."""
         from workbench.interp.hooks import active_hooks
 
-        self.external = active_hooks(self.model)
+        external = active_hooks(self.model)
+        if external != self.external:
+            self._collect(external)
 
     def select(self, requests: torch.Tensor) -> None:
         """Re-gather per-request offsets for the cache rows ``requests`` (after a reorder)."""
         self.offsets = {k: (v if v.shape[0] == 1 else v.index_select(0, requests))[:, None]
                         for k, v in self._raw.items()}
-
-    @property
-    def names(self) -> set[str]:
-        """Every hook point some hook (external or the engine's) sits on."""
-        out: set[str] = set()
-        for h in self._hook_objects():
-            out |= set(h.fns)
-        return out
-
-    def _hook_objects(self) -> list:
-        return [*self.external, *([self.hooks] if self.hooks else [])]
+        self._hf_context = None  # its offset functions hold the old rows
 
     def __bool__(self) -> bool:
         return bool(self.offsets or self.names or self.foreign)
@@ -143,16 +143,18 @@ class Applied:
             act = self.hooks.apply(name, act)
         return act
 
-    def hf_pairs(self) -> list[tuple[str, Callable]]:
-        """The offsets and the engine's hooks as ``(name, fn)`` pairs for a ``Hooks`` context (HF backend;
-        external contexts fire by themselves)."""
-        pairs: list[tuple[str, Callable]] = []
-        for (layer, kind), off in self.offsets.items():
-            pairs.append((f"blocks.{layer}.{kind}", _adder(off)))
-        if self.hooks is not None:
-            for name, fns in self.hooks.fns.items():
-                pairs += [(name, fn) for fn in fns]
-        return pairs
+    def hf_context(self):
+        """A ``Hooks`` context running the offsets and the engine's hooks (HF backend; external contexts fire by
+        themselves), or None when there are neither. Built once per row order and reused every forward."""
+        if self._hf_context is None and (self.offsets or self.hooks):
+            from workbench.interp.hooks import Hooks
+
+            pairs: list[tuple[str, Callable]] = [(f"blocks.{layer}.{kind}", _adder(off))
+                                                 for (layer, kind), off in self.offsets.items()]
+            if self.hooks is not None:
+                pairs += [(name, fn) for name, fns in self.hooks.fns.items() for fn in fns]
+            self._hf_context = Hooks(self.model, pairs)
+        return self._hf_context
 
 
 def _adder(off: torch.Tensor):

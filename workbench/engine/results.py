@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -14,6 +17,23 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprobs(logp: torch.Tensor, tokens: Sequence[int], top: Sequence[int | None]
+                   ) -> list[TokenLogprob | None]:
+    """Row ``i`` of the log-probabilities ``logp [N, V]`` chose ``tokens[i]``: its logprob and the ``top[i]`` best
+    alternatives (None where ``top[i]`` is None)."""
+    kmax = max((k for k in top if k), default=0)
+    best = torch.topk(logp, kmax, -1) if kmax else None
+    chosen = logp.gather(1, torch.as_tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
+    out: list[TokenLogprob | None] = []
+    for i, k in enumerate(top):
+        if k is None:
+            out.append(None)
+            continue
+        alts = tuple(zip(best.indices[i, :k].tolist(), best.values[i, :k].tolist(), strict=True)) if k else ()
+        out.append(TokenLogprob(tokens[i], chosen[i], alts))
+    return out
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import torch
 
 from workbench.engine import processors
 from workbench.engine.config import GREEDY, SamplingParams, check_logprobs
-from workbench.engine.results import GenerationResult, TokenLogprob
+from workbench.engine.results import GenerationResult, token_logprobs
 from workbench.errors import UnknownNameError
 
 DRAFTS: dict[str, Any] = {}  # name -> Engine or (model, tokenizer), for SpeculativeConfig(draft="name")
@@ -242,16 +242,6 @@ def register_proposer(name: str, cls, *, replace: bool = False) -> None:
 # -- the loop -------------------------------------------------------------------------------------------------
 
 
-def _logprobs(x: torch.Tensor, tokens: Sequence[int], k: int) -> list[TokenLogprob]:
-    """``x``: [T, V] log-probabilities of one row's positions; ``tokens[j]`` was chosen at position j."""
-    best = torch.topk(x, k, -1) if k else None
-    out = []
-    for j, tok in enumerate(tokens):
-        alts = tuple(zip(best.indices[j].tolist(), best.values[j].tolist(), strict=True)) if k else ()
-        out.append(TokenLogprob(tok, float(x[j, tok]), alts))
-    return out
-
-
 @torch.inference_mode()
 def speculative_generate(engine, prompts, cfg: SpeculativeConfig) -> list[GenerationResult]:
     from workbench.kernels.spec_verify import verify
@@ -263,13 +253,11 @@ def speculative_generate(engine, prompts, cfg: SpeculativeConfig) -> list[Genera
     gens = [engine.generator(cfg.seed) for _ in range(B)]
     params = [cfg.sampling] * B
     stops = [engine.stopper(p, cfg.max_new_tokens, eos_token_ids=cfg.eos_token_ids, ignore_eos=cfg.ignore_eos,
-                            stop_strings=cfg.stop_strings) for p in ids]
+                            stop_strings=cfg.stop_strings, logprobs=cfg.logprobs) for p in ids]
     results = [st.result for st in stops]
     stats = [SpeculativeStats() for _ in range(B)]
     for r, st in zip(results, stats, strict=True):
         r.stats = st
-        if cfg.logprobs is not None:
-            r.logprobs = []
     extra = cfg.max_new_tokens * (cfg.max_draft + 1) + 1
     target = engine.start(ids, extra)
     if target.rollback_refusal:
@@ -280,17 +268,17 @@ def speculative_generate(engine, prompts, cfg: SpeculativeConfig) -> list[Genera
     pending = _draw(p0[:, 0], gens)
 
     def emit(b: int, toks: list[int], lp_rows: torch.Tensor | None) -> None:
-        lps = _logprobs(lp_rows, toks, cfg.logprobs) if lp_rows is not None else [None] * len(toks)
+        """``lp_rows [>= len(toks), V]``: log-probabilities at the positions where ``toks`` were chosen."""
+        lps = ([None] * len(toks) if lp_rows is None
+               else token_logprobs(lp_rows[: len(toks)], toks, [cfg.logprobs] * len(toks)))
         for tok, lp in zip(toks, lps, strict=True):
             if stops[b].done:
                 return
-            _, kept = stops[b].push(tok)
-            if kept and lp is not None:
-                results[b].logprobs.append(lp)
+            stops[b].push(tok, lp)
 
     first_lp = _logp(first, params) if cfg.logprobs is not None else None
     for b in range(B):
-        emit(b, [pending[b]], None if first_lp is None else first_lp[b])
+        emit(b, [pending[b]], None if first_lp is None else first_lp[b])  # [1, V]
     proposer = PROPOSERS[cfg.proposer](cfg)
     proposer.start(engine, [p + [t] for p, t in zip(ids, pending, strict=True)], params, gens, extra)
     K = [cfg.num_draft] * B

@@ -10,8 +10,8 @@ Every strategy (sampling, beam search, speculative decoding, MCTS) runs on a :cl
   from a point on (prefix reuse), :meth:`Session.reorder` keeps or repeats rows (beams).
 
 Positions come from the mask (a row's next position is its number of valid tokens), so a row sees the same
-positions as it would alone, whatever the padding and rollbacks. The engine's interventions are resolved once
-per session and follow the rows through reorders.
+positions as it would alone, whatever the padding and rollbacks. The engine's interventions are resolved at
+the prefill and follow the rows through reorders; ``Hooks`` contexts are looked up again before every step.
 """
 
 from __future__ import annotations

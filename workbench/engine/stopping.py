@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from workbench.engine.results import GenerationResult
+from workbench.engine.results import GenerationResult, TokenLogprob
 
 
 class Stopper:
@@ -13,7 +13,7 @@ class Stopper:
     sets ``done`` / ``result.finish_reason`` ("eos", "stop" or "length")."""
 
     def __init__(self, tokenizer, result: GenerationResult, eos: frozenset[int], max_new_tokens: int,
-                 stop_strings: Sequence[str] = (), guide=None, want_text: bool = False):
+                 stop_strings: Sequence[str] = (), guide=None, want_text: bool = False, logprobs: bool = False):
         self.tokenizer = tokenizer
         self.result = result
         self.eos = eos
@@ -27,15 +27,20 @@ class Stopper:
         self.prefix = 0  # incremental detokenisation window: token offsets
         self.read = 0
         self.done = False
+        if logprobs:
+            result.logprobs = []  # one per kept token
 
-    def push(self, tok: int) -> tuple[str, bool]:
-        """Take token ``tok``; returns ``(new text, kept)`` where ``kept`` is False for an EOS token."""
+    def push(self, tok: int, logprob: TokenLogprob | None = None) -> tuple[str, bool]:
+        """Take token ``tok`` (and its logprob, kept with it when the result collects them); returns
+        ``(new text, kept)`` where ``kept`` is False for an EOS token."""
         res = self.result
         kept = tok not in self.eos
         if not kept:
             self.done, res.finish_reason = True, "eos"
         else:
             res.token_ids.append(tok)
+            if res.logprobs is not None and logprob is not None:
+                res.logprobs.append(logprob)
             if self.guide is not None:
                 self.guide.advance(tok)
         if not self.done and len(res.token_ids) >= self.max_new_tokens:
