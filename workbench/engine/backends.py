@@ -101,6 +101,29 @@ class HFBackend:
                         f"{cache.max_len} cache slots)")
         return None
 
+    def kv(self, cache: HFCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's keys and values ``[B, kv_heads, slots, head_dim]`` (views into the cache)."""
+        layers = cache.cache.layers
+        if not all(getattr(ly, "is_initialized", False) for ly in layers):
+            raise ValueError("the cache has not been filled yet")
+        return [(ly.keys, ly.values) for ly in layers]
+
+    def empty_like(self, cache: HFCache, batch: int, max_len: int) -> HFCache:
+        """A zeroed cache of ``batch`` rows and ``max_len`` slots, laid out like ``cache``."""
+        out = self.new_cache(batch, max_len)
+        for src, dst in zip(cache.cache.layers, out.cache.layers, strict=True):
+            # the layer allocates its [batch, heads, max_len, dim] tensors from one sample step's shape
+            dst.lazy_initialization(src.keys[:1, :, :1].expand(batch, -1, -1, -1),
+                                    src.values[:1, :, :1].expand(batch, -1, -1, -1))
+        return out
+
+    def set_length(self, cache: HFCache, length: int) -> None:
+        """Slots ``[0, length)`` are filled: the next forward writes from ``length`` on."""
+        for layer in cache.cache.layers:
+            if getattr(layer, "is_initialized", True):
+                layer.cumulative_length.fill_(length)
+        cache.length = length
+
     @torch.no_grad()
     def truncate(self, cache: HFCache, length: int) -> None:
         """Forget slots from ``length`` on (the next forward overwrites them)."""
@@ -426,6 +449,18 @@ class PackedLlamaBackend:
     def truncate(self, cache: KVCache, length: int) -> None:
         """Forget slots from ``length`` on (the next forward overwrites them)."""
         cache.length = min(cache.length, length)
+
+    def kv(self, cache: KVCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's keys and values ``[B, kv_heads, slots, head_dim]`` (views into the cache)."""
+        return [(cache.k[i], cache.v[i]) for i in range(cache.k.shape[0])]
+
+    def empty_like(self, cache: KVCache, batch: int, max_len: int) -> KVCache:
+        """A zeroed cache of ``batch`` rows and ``max_len`` slots, laid out like ``cache``."""
+        return self.new_cache(batch, max_len)
+
+    def set_length(self, cache: KVCache, length: int) -> None:
+        """Slots ``[0, length)`` are filled: the next forward writes from ``length`` on."""
+        cache.length = length
 
     def inexact_rollback(self, cache: KVCache) -> str | None:
         return None  # every layer attends to the whole cache (sliding windows are refused up front)

@@ -65,6 +65,10 @@ class Interventions:
 
     def merged(self, other: Interventions) -> Interventions:
         """Both: offsets at the same point add up; hooks run in order (``self``'s first)."""
+        if not other:
+            return self
+        if not self:
+            return other
         offsets = dict(self.offsets)
         for name, v in other.offsets.items():
             offsets[name] = offsets[name] + v if name in offsets else v
@@ -83,6 +87,7 @@ class Applied:
         from workbench.interp.hooks import Hooks, active_hooks, foreign_hooks
 
         self.model = model
+        self.iv = iv
         self.hooks = Hooks(model, list(iv.hooks)) if iv.hooks else None
         self._collect(active_hooks(model))  # Hooks contexts installed around the call (see refresh)
         self.foreign = foreign_hooks(model, self.external)  # raw torch hooks nobody here can replay

@@ -48,7 +48,7 @@ class Session:
                 e = min(L, s + engine.prefill_chunk)
                 logits = backend.forward(ids[:, s:e], self.mask[:, :e], positions[:, s:e], self.cache,
                                          applied=applied)
-        self.logits = logits  # [B, V]: next-token logits after the prompt
+        self.logits = logits  # [B, V]: next-token logits after the prompt (then after each decode)
         self.filled = L  # slots used (valid or masked)
         self.pos = positions[:, -1] + 1  # [B] next position per row
 
@@ -75,6 +75,7 @@ class Session:
         logits = self._forward(tokens.reshape(self.B, 1), self.pos[:, None], False)
         self.filled += 1
         self.pos += 1
+        self.logits = logits
         return logits
 
     def step(self, tokens: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -140,4 +141,54 @@ class Session:
         self.mask = self.mask.index_select(0, index)
         self.pos = self.pos.index_select(0, index)
         self.requests = self.requests.index_select(0, index)
+        self.applied.select(self.requests)
+
+    @torch.no_grad()
+    def regroup(self, keep: Sequence[int], joining: Session | None = None, extra: int = 0) -> None:
+        """Rebuild the batch from old rows ``keep`` followed by every row of ``joining`` (a session started on
+        the same engine, backend and interventions), with room for ``extra`` more slots per row.
+
+        Each row's valid slots are packed to the right end of the new cache (its keys already carry their
+        positions, and attention goes by the mask), so a row sees exactly the keys and positions it saw before:
+        its next tokens are the ones it would get alone. ``logits`` are those of the kept and joined rows.
+        """
+        parts = [(self, int(r)) for r in keep]
+        if joining is not None:
+            if joining.backend is not self.backend:
+                raise ValueError("the joining session runs on another backend")
+            if joining.applied.iv is not self.applied.iv:
+                raise ValueError("the joining session runs with other interventions")
+            parts += [(joining, r) for r in range(joining.B)]
+        if not parts:
+            raise ValueError("regroup needs at least one row")
+        if extra < 0:
+            raise ValueError(f"extra must be >= 0, got {extra}")
+        why = self.rollback_refusal or (joining.rollback_refusal if joining is not None else None)
+        if why:
+            raise ValueError(f"cannot regroup this cache: {why}")
+        slots = [src.mask[r, : src.filled].nonzero().flatten() for src, r in parts]
+        L = max(len(s) for s in slots)
+        B, cap, dev = len(parts), L + extra, self.mask.device
+        cache = self.backend.empty_like(self.cache, B, cap)
+        dst = self.backend.kv(cache)
+        mask = torch.zeros((B, cap), dtype=torch.long, device=dev)
+        for src in {id(s): s for s, _ in parts}.values():
+            # one gather per layer and source: dest rows `bs` take source rows `rs` at slots `idx`
+            bs = [b for b, (s, _) in enumerate(parts) if s is src]
+            rs = torch.tensor([parts[b][1] for b in bs], device=dev)
+            idx = torch.zeros((len(bs), L), dtype=torch.long, device=dev)  # slot 0 fills masked places
+            for i, b in enumerate(bs):
+                n = len(slots[b])
+                idx[i, L - n:] = slots[b]
+                mask[b, L - n: L] = 1
+            bs_t = torch.tensor(bs, device=dev)
+            for (sk, sv), (dk, dv) in zip(self.backend.kv(src.cache), dst, strict=True):
+                dk[bs_t, :, :L] = sk[rs[:, None], :, idx].transpose(1, 2)  # [m, L, H, D] -> [m, H, L, D]
+                dv[bs_t, :, :L] = sv[rs[:, None], :, idx].transpose(1, 2)
+        self.backend.set_length(cache, L)
+        rows = [(src, torch.tensor([r], device=dev)) for src, r in parts]
+        self.logits = torch.cat([src.logits.index_select(0, r) for src, r in rows])
+        self.pos = torch.cat([src.pos.index_select(0, r) for src, r in rows])
+        self.requests = torch.cat([src.requests.index_select(0, r) for src, r in rows])
+        self.cache, self.mask, self.B, self.capacity, self.filled = cache, mask, B, cap, L
         self.applied.select(self.requests)
