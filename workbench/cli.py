@@ -68,6 +68,12 @@ MODELS_EXAMPLES = """examples:
 CORPORA_EXAMPLES = """examples:
   daert corpora list
 """
+SERVE_EXAMPLES = """examples:
+  daert serve                                      # smollm2-135m-instruct on http://127.0.0.1:8000/v1
+  daert serve --port 8001 --api-key "$DAERT_API_KEY" --cache redis://127.0.0.1:6379/0
+  curl -s localhost:8000/v1/chat/completions -H 'content-type: application/json' \\
+       -d '{"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "Hi"}]}'
+"""
 PPL_EXAMPLES = """examples:
   daert ppl --corpus gpl-3 --window 1024 --max-windows 8
 """
@@ -126,6 +132,27 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--bos", action="store_true", help="start each window with the BOS token")
     ppl.add_argument("--threads", type=int, default=None, help="torch CPU threads (None: the physical cores)")
     ppl.add_argument("--json-out", type=Path, default=None, help="also write the result as JSON here")
+
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching",
+                         epilog=SERVE_EXAMPLES, formatter_class=_Help)
+    _add_model_args(srv)
+    srv.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
+    srv.add_argument("--port", type=int, default=8000, help="TCP port")
+    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (None: no auth)")
+    srv.add_argument("--served-name", default=None, help="the model id clients ask for (None: --model)")
+    srv.add_argument("--cache", default=None, metavar="URL", help="Redis completion cache, redis://HOST:PORT/DB")
+    srv.add_argument("--cache-ttl", type=int, default=7 * 24 * 3600, help="cache entry lifetime, s (0: no expiry)")
+    srv.add_argument("--cache-max-entry", type=int, default=1 << 20, help="largest cached response, bytes")
+    srv.add_argument("--max-batch", type=int, default=16, help="rows decoded together")
+    srv.add_argument("--max-queue", type=int, default=64, help="requests waiting for a row before 429")
+    srv.add_argument("--max-tokens-default", type=int, default=256, help="max_tokens when a request gives none")
+    srv.add_argument("--embed-layer", type=int, default=-1, help="hidden state pooled by /v1/embeddings")
+    srv.add_argument("--backend", default="auto", choices=BACKENDS, help="engine backend")
+    srv.add_argument("--threads", type=int, default=None, help="CPU threads (None: the physical cores)")
+
+    from workbench.export import cli as export_cli
+
+    export_cli.add_parser(sub, formatter_class=_Help)
 
     corp = sub.add_parser("corpora", help="offline text corpora", epilog=CORPORA_EXAMPLES, formatter_class=_Help)
     csub = corp.add_subparsers(dest="action", required=True)
@@ -357,7 +384,35 @@ def _cmd_corpora(args) -> int:
     return 0
 
 
-COMMANDS = {"models": _cmd_models, "generate": _cmd_generate, "chat": _cmd_chat, "ppl": _cmd_ppl,
+def _cmd_serve(args) -> int:
+    from workbench.serve.app import ServeConfig, serve
+
+    cfg = ServeConfig(model=args.model, served_name=args.served_name, host=args.host, port=args.port,
+                      api_key=args.api_key, cache_url=args.cache, cache_ttl_s=args.cache_ttl,
+                      cache_max_entry_bytes=args.cache_max_entry, max_batch=args.max_batch,
+                      max_queue=args.max_queue, default_max_tokens=args.max_tokens_default,
+                      embed_layer=args.embed_layer)
+    import socket
+
+    try:  # fail before the model loads, with one line
+        with socket.create_server((cfg.host, cfg.port)):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}") from None
+    model, tok = _load(args)
+    logging.getLogger(__name__).info("serving %s on http://%s:%d/v1", cfg.served_name or cfg.model, cfg.host,
+                                     cfg.port)
+    serve(cfg, _engine(args, model, tok))
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from workbench.export import cli as export_cli
+
+    return export_cli.run(args)
+
+
+COMMANDS = {"models": _cmd_models, "serve": _cmd_serve, "export": _cmd_export, "generate": _cmd_generate, "chat": _cmd_chat, "ppl": _cmd_ppl,
             "corpora": _cmd_corpora}
 
 
