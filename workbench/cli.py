@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -81,6 +82,7 @@ PPL_EXAMPLES = """examples:
 
 def build_parser() -> argparse.ArgumentParser:
     from workbench import __version__
+    from workbench.surgery.steer import add_control_args
 
     parser = _Parser(prog="daert", description="daert workbench: LLM internals on CPU or GPU",
                                      formatter_class=_Help)
@@ -102,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="complete prompts", epilog=GENERATE_EXAMPLES, formatter_class=_Help)
     _add_model_args(gen)
     _add_gen_args(gen)
+    add_control_args(gen)
     gen.add_argument("prompt", nargs="?", default=None, help="the prompt ('-': read prompts from stdin)")
     gen.add_argument("--file", type=Path, default=None, help="prompts, one per line, run as a batch")
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
@@ -119,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                           epilog=CHAT_EXAMPLES, formatter_class=_Help)
     _add_model_args(chat)
     _add_gen_args(chat)
+    add_control_args(chat)
     chat.add_argument("--message", action="append", default=None,
                       help="user turn(s) to send instead of reading stdin; repeatable")
 
@@ -149,10 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--embed-layer", type=int, default=-1, help="hidden state pooled by /v1/embeddings")
     srv.add_argument("--backend", default="auto", choices=BACKENDS, help="engine backend")
     srv.add_argument("--threads", type=int, default=None, help="CPU threads (None: the physical cores)")
+    add_control_args(srv)
 
     from workbench.export import cli as export_cli
 
     export_cli.add_parser(sub, formatter_class=_Help)
+    from workbench.surgery import cli as surgery_cli
+
+    surgery_cli.add_parser(sub, formatter_class=_Help)
 
     corp = sub.add_parser("corpora", help="offline text corpora", epilog=CORPORA_EXAMPLES, formatter_class=_Help)
     csub = corp.add_subparsers(dest="action", required=True)
@@ -202,7 +210,12 @@ def _engine(args, model, tok):
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     threads = DEFAULT_POLICY if args.threads is None else ThreadPolicy(args.threads, args.threads)
-    return Engine(model, tok, threads=threads, backend=args.backend)
+    engine = Engine(model, tok, threads=threads, backend=args.backend)
+    if getattr(args, "control_vector", None) is not None or getattr(args, "strength", None) is not None:
+        from workbench.surgery.steer import control_context
+
+        args.exit_stack.enter_context(control_context(args, engine))  # removed when the command ends
+    return engine
 
 
 def _sampling(args) -> dict:
@@ -412,7 +425,13 @@ def _cmd_export(args) -> int:
     return export_cli.run(args)
 
 
-COMMANDS = {"models": _cmd_models, "serve": _cmd_serve, "export": _cmd_export, "generate": _cmd_generate, "chat": _cmd_chat, "ppl": _cmd_ppl,
+def _cmd_edit(args) -> int:
+    from workbench.surgery import cli as surgery_cli
+
+    return surgery_cli.run(args)
+
+
+COMMANDS = {"models": _cmd_models, "serve": _cmd_serve, "export": _cmd_export, "edit": _cmd_edit, "generate": _cmd_generate, "chat": _cmd_chat, "ppl": _cmd_ppl,
             "corpora": _cmd_corpora}
 
 
@@ -422,7 +441,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[daert] %(message)s", stream=sys.stderr)
     try:
-        return COMMANDS[args.command](args)
+        with contextlib.ExitStack() as args.exit_stack:
+            return COMMANDS[args.command](args)
     except (WorkbenchError, ValueError) as e:
         print(f"daert: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
