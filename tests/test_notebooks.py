@@ -25,3 +25,13 @@ def test_interpretability_notebook_runs():
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "pearson r" in text and "ce_loss_score" in text
     assert any("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+
+
+def test_editing_notebook_runs():
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(REPO / "notebooks" / "editing.ipynb", as_version=4)
+    NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "efficacy_score" in text and "undo restored the weights: True" in text
+    assert "the exported model keeps the edit: True" in text
