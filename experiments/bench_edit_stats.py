@@ -61,7 +61,7 @@ def main() -> None:
     result = {"model": args.model, "layers": layers, "corpus": corpus, "tokens": st.tokens,
               "seq_len": cfg.seq_len, "batch_size": cfg.batch_size, "threads": args.threads,
               "seconds": round(seconds, 2), "tokens_per_second": round(st.tokens / seconds, 1),
-              "target_seconds": 600, "per_layer": per_layer, "provenance": provenance()}
+              "target_seconds": 600, "per_layer": per_layer, **provenance()}
     write_json(args.out, result)
 
 
