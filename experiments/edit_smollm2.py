@@ -58,16 +58,23 @@ def single_edits(model, tok, reqs, methods, args, out: dict, path: Path) -> None
             print(f"  {method} [{i + 1}/{len(reqs)}] {r.text!r} -> {r.target_new!r}: greedy {m.rewrite_greedy:.0f} "
                   f"para {m.rephrase_greedy or 0:.2f} neigh {m.neighborhood_greedy or 0:.2f} ({seconds[-1]:.0f} s)",
                   flush=True)
-        d = EditMetrics(per, has_reference=True).to_dict()
-        row = {"hparams": _hp(editor.hparams), "seconds_per_edit": sum(seconds) / len(seconds),
-               "easyedit": d["easyedit"], "rome": d["rome"], "greedy": d["greedy"],
-               "per_request": d["per_request"]}
-        if method == "rome":
-            row["targets"] = {k: {"target": v, "measured": d["greedy"][k], "met": d["greedy"][k] >= v}
-                              for k, v in SINGLE_TARGETS.items()}
-        out["methods"][method] = row
+            if (i + 1) % 5 == 0 or i + 1 == len(reqs):  # an interrupted run keeps the edits measured so far
+                out["methods"][method] = _row(method, editor, per, seconds, len(reqs))
+                write_json(path, {**provenance(), **out})
         print(f"{method}: {time.time() - t0:.0f} s\n{EditMetrics(per, has_reference=True).table()}", flush=True)
-        write_json(path, {**provenance(), **out})
+
+
+def _row(method, editor, per, seconds, planned: int) -> dict:
+    from workbench.surgery.metrics import EditMetrics
+
+    d = EditMetrics(per, has_reference=True).to_dict()
+    row = {"hparams": _hp(editor.hparams), "edits_measured": len(per), "edits_planned": planned,
+           "seconds_per_edit": sum(seconds) / len(seconds), "easyedit": d["easyedit"], "rome": d["rome"],
+           "greedy": d["greedy"], "per_request": d["per_request"]}
+    if method == "rome":
+        row["targets"] = {k: {"target": v, "measured": d["greedy"][k], "met": d["greedy"][k] >= v}
+                          for k, v in SINGLE_TARGETS.items()}
+    return row
 
 
 def _hp(hp) -> dict:

@@ -8,6 +8,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from test_interventions import hf_greedy
 
 from workbench.engine import Engine, GenerationConfig
 from workbench.errors import UnknownNameError
@@ -68,18 +69,6 @@ def assert_unchanged(model, before, layer_types):
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert [type(m) for m in model.model.layers] == layer_types
     assert foreign_hooks(model) == [] and active_hooks(model) == []  # transformers' inert capture hooks aside
-
-
-def hf_greedy(model, tok, prompt, n, hooks=()):
-    """Reference: the model's own full forward (no cache) with ``hooks``, greedy: first logits, new tokens."""
-    ids = tok(prompt)["input_ids"]
-    first = None
-    with Hooks(model, list(hooks)), torch.no_grad():
-        for _ in range(n):
-            logits = model(torch.tensor([ids])).logits[0, -1]
-            first = logits if first is None else first
-            ids = ids + [int(logits.argmax())]
-    return first, ids[len(tok(prompt)["input_ids"]):]
 
 
 # -- value object -------------------------------------------------------------------------------------------
@@ -281,29 +270,34 @@ def test_steering_is_removed_on_error(tiny4, tiny4_vector):
         pass
 
 
-def test_engine_steering_equals_repeng_control_model(tiny4, tiny4_vector, repeng):
-    """repeng adds strength * direction to layer i's output; ours goes to blocks.i.hook_resid_post (no shift)."""
-    model, tok = tiny4
+def assert_steering_equals_repeng(repeng, model, tok, vector, ids: list[int], strength: float, n: int):
+    """repeng's ControlModel (unwrapped after) and our engine under steer() give the same greedy tokens, which
+    differ from unsteered ones; the model is left as it was."""
     before, types = snapshot(model), [type(m) for m in model.model.layers]
-    strength, n = 6.0, 12
-    ids = torch.tensor([tok(PROMPT)["input_ids"]])
-    cm = repeng.ControlModel(model, list(tiny4_vector.directions))
+    cm = repeng.ControlModel(model, list(vector.directions))
     try:
-        cm.set_control(to_repeng(repeng, tiny4_vector), strength)
+        cm.set_control(to_repeng(repeng, vector), strength)
+        t = torch.tensor([ids])
         with torch.no_grad():
-            theirs = cm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=None)[0, ids.shape[1]:].tolist()
+            theirs = cm.generate(t, attention_mask=torch.ones_like(t), max_new_tokens=n, do_sample=False,
+                                 eos_token_id=None, pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
         cm.reset()
     finally:
         cm.unwrap()
     assert_unchanged(model, before, types)
     eng = Engine(model, tok)
     cfg = GenerationConfig(max_new_tokens=n, ignore_eos=True)
-    with steer(eng, tiny4_vector, strength):
-        ours = eng.generate([PROMPT], cfg)[0].token_ids
-    assert ours == theirs
-    assert ours != eng.generate([PROMPT], cfg)[0].token_ids
+    with steer(eng, vector, strength):
+        steered = eng.generate([ids], cfg)[0].token_ids
+    assert steered == theirs
+    assert steered != eng.generate([ids], cfg)[0].token_ids
     assert_unchanged(model, before, types)
+
+
+def test_engine_steering_equals_repeng_control_model(tiny4, tiny4_vector, repeng):
+    """repeng adds strength * direction to layer i's output; ours goes to blocks.i.hook_resid_post (no shift)."""
+    model, tok = tiny4
+    assert_steering_equals_repeng(repeng, model, tok, tiny4_vector, tok(PROMPT)["input_ids"], 6.0, 12)
 
 
 def test_per_request_vectors_in_one_batch(tiny4, tiny4_vector):
@@ -369,26 +363,9 @@ def test_smollm2_matches_repeng(smollm2, repeng):
     assert sorted(ours.directions) == sorted(ref.directions) == list(range(1, model.config.num_hidden_layers))
     cos = {layer: cosine(d, ref.directions[layer]) for layer, d in ours.directions.items()}
     assert min(cos.values()) >= 0.99, cos
+    assert_unchanged(model, before, types)  # training left no hooks or wrappers behind
 
     from workbench.chat import prompt_ids
 
     ids = prompt_ids(tok, [{"role": "user", "content": "Describe your morning."}])
-    strength, n = 4.0, 16
-    cm = repeng.ControlModel(model, list(ours.directions))
-    try:
-        cm.set_control(to_repeng(repeng, ours), strength)
-        t = torch.tensor([ids])
-        with torch.no_grad():
-            theirs = cm.generate(t, attention_mask=torch.ones_like(t), max_new_tokens=n, do_sample=False,
-                                 eos_token_id=None, pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
-        cm.reset()
-    finally:
-        cm.unwrap()
-    assert_unchanged(model, before, types)
-    eng = Engine(model, tok)
-    cfg = GenerationConfig(max_new_tokens=n, ignore_eos=True)
-    with steer(eng, ours, strength):
-        steered = eng.generate([ids], cfg)[0].token_ids
-    assert steered == theirs
-    assert steered != eng.generate([ids], cfg)[0].token_ids
-    assert_unchanged(model, before, types)
+    assert_steering_equals_repeng(repeng, model, tok, ours, ids, 4.0, 16)

@@ -372,3 +372,19 @@ def test_streams_in_flight_during_a_cache_outage(engine):
         for t in threads:
             t.join()
         assert all(r.status_code == 200 and r.text.endswith("data: [DONE]\n\n") for r in out)
+
+
+def test_cache_ttl_and_entry_size(engine):
+    with redis_server() as redis:
+        body = {"model": MODEL, "prompt": "ttl", "max_tokens": 4, "temperature": 0}
+        with start(engine, cache_url=redis.url, cache_ttl_s=1) as s:
+            httpx.post(s.url + "/v1/completions", json=body)
+            httpx.post(s.url + "/v1/completions", json=body)
+            assert _metric(s.url, "daert_cache_hits_total") == 1
+            time.sleep(1.5)  # the entry expired
+            httpx.post(s.url + "/v1/completions", json=body)
+            assert _metric(s.url, "daert_cache_hits_total") == 1
+        with start(engine, cache_url=redis.url, cache_max_entry_bytes=16) as s:  # every response is bigger
+            for _ in range(2):
+                assert httpx.post(s.url + "/v1/completions", json=dict(body, prompt="big")).status_code == 200
+            assert _metric(s.url, "daert_cache_hits_total") == 0
