@@ -15,21 +15,22 @@ Exports load lazily: importing the package has no side effects.
 if __name__ != "workbench.surgery":
     __file__ = None  # noqa: A001 - marks a shadowing folder, not an installed package
     __path__ = []  # no submodule of this folder can be imported under the bare name
+else:
+    _EXPORTS = {
+        "EditRequest": "requests", "BadRequestError": "requests", "load_requests": "requests",
+        "save_requests": "requests", "target_ids": "requests",
+        "edit_model": "edit", "Editor": "edit", "EditResult": "edit", "load_edit": "edit", "METHODS": "edit",
+        "compute_stats": "stats", "StatsConfig": "stats",
+        "ROMEHparams": "hparams", "MEMITHparams": "hparams", "AlphaEditHparams": "hparams", "FTHparams": "hparams",
+        "load_hparams": "hparams",
+        "ControlVector": "control", "DatasetEntry": "control", "steer": "steer",
+    }
+    __all__ = sorted(_EXPORTS)
 
-_EXPORTS = {
-    "EditRequest": "requests", "BadRequestError": "requests", "load_requests": "requests",
-    "save_requests": "requests", "target_ids": "requests",
-    "edit_model": "edit", "Editor": "edit", "EditResult": "edit", "load_edit": "edit", "METHODS": "edit",
-    "compute_stats": "stats", "StatsConfig": "stats",
-    "ROMEHparams": "hparams", "MEMITHparams": "hparams", "AlphaEditHparams": "hparams", "FTHparams": "hparams",
-    "load_hparams": "hparams",
-    "ControlVector": "control", "DatasetEntry": "control", "steer": "steer",
-}
-__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str):
-    if name in _EXPORTS and __name__ == "workbench.surgery":
+    if __name__ == "workbench.surgery" and name in _EXPORTS:
         import importlib
 
         return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
