@@ -1,7 +1,8 @@
 """Build, check and time every Triton kernel against its torch reference; prints a table, writes JSON.
 
 On a CUDA GPU (the real benchmark; targets on H100: sampler >= 2x torch's sort-based top-p at vocab 49152 for
-batch 1..256, RoPE and SAE decode near memory bandwidth):
+batch 1..256, RoPE and SAE decode near memory bandwidth; multi-LoRA BGMV shrink + expand at SmolLM2 shapes against
+a torch loop over the batch's adapters):
 
     .venv/bin/python experiments/bench_kernels.py --json experiments/results/bench_kernels_<gpu>.json
 
@@ -133,6 +134,49 @@ def bench_sae(dev, bench, smoke):
              "torch_ms": t_torch, "speedup": t_torch / t_kernel, "triton_GBps": moved / t_kernel / 1e6}]
 
 
+def torch_lora_loop(x, a, bt, groups, out):
+    """The usual torch baseline: for each adapter in the batch, gather its rows, two matmuls, scatter-add."""
+    for s, rows in groups:
+        out.index_add_(0, rows, (x.index_select(0, rows) @ a[s].T) @ bt[s])
+    return out
+
+
+def bench_lora(dev, bench, smoke):
+    import torch
+
+    from workbench.kernels import lora
+
+    K, N, S = (37, 53, 3) if smoke else (576, 1536, 8)  # SmolLM2-135M: hidden 576, MLP 1536
+    dtype = torch.float32 if smoke else torch.bfloat16
+    rows = []
+    for r in ([5] if smoke else [8, 16]):
+        a = (torch.randn(S, r, K, device=dev) / K ** 0.5).to(dtype)
+        bt = (torch.randn(S, r, N, device=dev) / r ** 0.5).to(dtype)
+        for R in ([3] if smoke else [1, 4, 16, 64]):
+            x = torch.randn(R, K, device=dev, dtype=dtype)
+            idx = torch.randint(0, S, (R,), device=dev)
+            used = idx.unique()
+            # the row lists are built once, outside the timing: the baseline pays no host sync for them
+            groups = [(s, (idx == s).nonzero()[:, 0]) for s in used.tolist()]
+            out0 = torch.randn(R, N, device=dev, dtype=dtype)
+
+            def kernel(out):
+                y = lora.bgmv_shrink(x, a, idx, impl="triton")  # noqa: B023
+                return lora.bgmv_expand(y, bt, idx, out=out, impl="triton")  # noqa: B023
+
+            want = torch_lora_loop(x, a, bt, groups, out0.clone())
+            torch.testing.assert_close(kernel(out0.clone()).float(), want.float(), atol=0.05, rtol=0.02)
+            out = out0.clone()
+            t_kernel = bench(lambda: kernel(out))  # noqa: B023
+            t_torch = bench(lambda: torch_lora_loop(x, a, bt, groups, out))  # noqa: B023
+            # x, the used slots of both pools, out read + written (dtype); y written + read (fp32); idx twice
+            moved = (R * K + used.numel() * r * (K + N) + 2 * R * N) * x.element_size() + 8 * R * r + 16 * R
+            rows.append({"kernel": "bgmv shrink+expand", "shape": f"R={R} K={K} N={N} r={r} S={S} {dtype}",
+                         "triton_ms": t_kernel, "torch_ms": t_torch, "speedup": t_torch / t_kernel,
+                         "triton_GBps": moved / t_kernel / 1e6})
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny shapes in the CPU interpreter (no GPU needed)")
@@ -149,7 +193,7 @@ def main(argv=None) -> int:
     dev = "cpu" if args.smoke else "cuda"
     bench = timer(args.smoke)
     rows = []
-    for part in (bench_sampler, bench_verify, bench_rope, bench_sae):
+    for part in (bench_sampler, bench_verify, bench_rope, bench_sae, bench_lora):
         rows += part(dev, bench, args.smoke)
     print(f"{'kernel':<20} {'shape':<42} {'triton ms':>10} {'torch ms':>10} {'speedup':>8} {'GB/s':>8}")
     for r in rows:

@@ -36,7 +36,7 @@ def signature(args: dict) -> tuple[dict, dict]:
 
 def cases() -> Iterator[tuple[str, Callable, dict]]:
     """(name, kernel factory, argument types) for every kernel and the variants the launchers use."""
-    from workbench.kernels import rope, sae_decode, sampling, spec_verify
+    from workbench.kernels import lora, rope, sae_decode, sampling, spec_verify
 
     f32, i32, i64 = torch.float32, torch.int32, torch.int64
     for dt in (torch.float32, torch.bfloat16, torch.float16):
@@ -51,6 +51,18 @@ def cases() -> Iterator[tuple[str, Callable, dict]]:
             yield (f"sae_decode {tag} bias={has_b}", sae_decode._kernel, dict(
                 idx_ptr=i64, val_ptr=f32, w_ptr=dt, b_ptr=dt, out_ptr=dt, K=1, D=1, HAS_B=("c", has_b),
                 BLOCK=("c", 1024)))
+        yield (f"lora bgmv_shrink {tag}", lora._bgmv_shrink_kernel, dict(
+            x_ptr=dt, a_ptr=dt, idx_ptr=i64, y_ptr=f32, K=1, RANK=1, sx=1, BLOCK_R=("c", 8), BLOCK_K=("c", 512)))
+        yield (f"lora sgmv_shrink {tag}", lora._sgmv_shrink_kernel, dict(
+            x_ptr=dt, a_ptr=dt, start_ptr=i64, slot_ptr=i64, y_ptr=f32, K=1, RANK=1, sx=1, F32_DOT=("c", False),
+            BLOCK_M=("c", 32), BLOCK_R=("c", 16), BLOCK_K=("c", 64)))
+        for add in (True, False):
+            yield (f"lora bgmv_expand {tag} add={add}", lora._bgmv_expand_kernel, dict(
+                y_ptr=f32, b_ptr=dt, idx_ptr=i64, out_ptr=dt, RANK=1, N=1, so=1, ADD=("c", add),
+                BLOCK_R=("c", 16), BLOCK_N=("c", 128)))
+            yield (f"lora sgmv_expand {tag} add={add}", lora._sgmv_expand_kernel, dict(
+                y_ptr=f32, b_ptr=dt, start_ptr=i64, slot_ptr=i64, out_ptr=dt, RANK=1, N=1, so=1, ADD=("c", add),
+                BLOCK_M=("c", 32), BLOCK_N=("c", 128)))
     for has_q in (True, False):
         yield (f"spec_verify draft_probs={has_q}", spec_verify._kernel, dict(
             d_ptr=i64, q_ptr=f32, p_ptr=f32, ua_ptr=f32, us_ptr=f32, n_ptr=i64, out_ptr=i64, K=1, V=1,

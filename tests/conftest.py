@@ -3,6 +3,12 @@ import os
 # No test may reach a model hub: CI machines have no route to one, and a hub lookup would only time out.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+# Without CUDA the Triton kernels run in the interpreter, which Triton reads when it is first imported: set it
+# before any test module (or the engine, or the server) imports triton, whatever order the files run in.
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from pathlib import Path  # noqa: E402
 

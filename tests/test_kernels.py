@@ -387,7 +387,8 @@ def test_benchmark_script_smoke(tmp_path):
                            str(out)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
-    assert {r["kernel"] for r in rows} == {"sampling top-p 0.9", "spec verify", "rope q+k", "sae top-k decode"}
+    assert {r["kernel"] for r in rows} == {"sampling top-p 0.9", "spec verify", "rope q+k", "sae top-k decode",
+                                              "bgmv shrink+expand"}
 
 
 

@@ -75,6 +75,10 @@ SERVE_EXAMPLES = """examples:
   curl -s localhost:8000/v1/chat/completions -H 'content-type: application/json' \\
        -d '{"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "Hi"}]}'
 """
+DIAL_EXAMPLES = """examples:
+  daert dial --level 0 "Who painted the Mona Lisa?"          # factual: greedy, unsteered
+  daert dial --level 0.8 --scores "Who painted the Mona Lisa?"  # imaginative, with the factual model's scores
+"""
 PPL_EXAMPLES = """examples:
   daert ppl --corpus gpl-3 --window 1024 --max-windows 8
 """
@@ -82,6 +86,7 @@ PPL_EXAMPLES = """examples:
 
 def build_parser() -> argparse.ArgumentParser:
     from workbench import __version__
+    from workbench.lora.cli import add_adapter_args
     from workbench.surgery.steer import add_control_args
 
     parser = _Parser(prog="daert", description="daert workbench: LLM internals on CPU or GPU",
@@ -105,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(gen)
     _add_gen_args(gen)
     add_control_args(gen)
+    add_adapter_args(gen, "a PEFT LoRA folder to generate with; repeatable: every prompt runs once per adapter, "
+                          "in one batch")
     gen.add_argument("prompt", nargs="?", default=None, help="the prompt ('-': read prompts from stdin)")
     gen.add_argument("--file", type=Path, default=None, help="prompts, one per line, run as a batch")
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
@@ -123,8 +130,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(chat)
     _add_gen_args(chat)
     add_control_args(chat)
+    add_adapter_args(chat, "a PEFT LoRA folder; repeatable. The first is active; the turn '/adapter NAME' "
+                           "switches ('/adapter none': the base model)")
     chat.add_argument("--message", action="append", default=None,
                       help="user turn(s) to send instead of reading stdin; repeatable")
+
+    dial = sub.add_parser("dial", help="generate on the factual-to-imaginative dial (temperature + a creative "
+                                       "control vector)", epilog=DIAL_EXAMPLES, formatter_class=_Help)
+    _add_model_args(dial)
+    dial.add_argument("prompt", help="the user turn (chat template applied)")
+    dial.add_argument("--level", type=float, required=True, help="0 = factual (greedy, unsteered) ... 1 = imaginative")
+    dial.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
+    dial.add_argument("--seed", type=int, default=0, help="sampling seed")
+    dial.add_argument("--max-temperature", type=float, default=1.2, help="the temperature at level 1")
+    dial.add_argument("--max-strength", type=float, default=1.0, help="the creative vector's strength at level 1")
+    dial.add_argument("--vector", default=None, metavar="FILE",
+                      help="a creative control vector (.gguf; None: trained on the fly, a few seconds)")
+    dial.add_argument("--scores", action="store_true",
+                      help="also print the unsteered model's token-logprob and token-entropy of the reply")
+    dial.add_argument("--threads", type=int, default=None, help="CPU threads (None: the physical cores)")
+    dial.add_argument("--backend", default="auto", choices=BACKENDS, help="engine backend")
 
     ppl = sub.add_parser("ppl", help="perplexity of a model on a text corpus", epilog=PPL_EXAMPLES,
                          formatter_class=_Help)
@@ -154,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--backend", default="auto", choices=BACKENDS, help="engine backend")
     srv.add_argument("--threads", type=int, default=None, help="CPU threads (None: the physical cores)")
     add_control_args(srv)
+    add_adapter_args(srv, "a PEFT LoRA folder, served as model 'SERVED:NAME' (or with the body field "
+                          "\"adapter\": NAME); repeatable")
 
     from workbench.export import cli as export_cli
 
@@ -209,8 +236,10 @@ def _engine(args, model, tok):
 
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    from workbench.lora.cli import registry_for
+
     threads = DEFAULT_POLICY if args.threads is None else ThreadPolicy(args.threads, args.threads)
-    engine = Engine(model, tok, threads=threads, backend=args.backend)
+    engine = Engine(model, tok, threads=threads, backend=args.backend, adapters=registry_for(args, model))
     if getattr(args, "control_vector", None) is not None or getattr(args, "strength", None) is not None:
         from workbench.surgery.steer import control_context
 
@@ -284,6 +313,11 @@ def _cmd_generate(args) -> int:
     engine = _engine(args, model, tok)
     ids = [prompt_ids(tok, _messages(args.system, [{"role": "user", "content": p}]), chat=not args.raw)
            for p in prompts]
+    adapters = engine.adapters.names if engine.adapters is not None else [None]
+    if len(adapters) > 1:  # every prompt once per adapter, in one batch
+        prompts = [p for p in prompts for _ in adapters]
+        ids = [i for i in ids for _ in adapters]
+    args.exit_stack.enter_context(engine.intervene(adapters=adapters * (len(ids) // len(adapters))))
     sampling = SamplingParams(**_sampling(args))
     t0 = time.perf_counter()
     if strategy == "sample" and len(ids) == 1 and not args.json:  # stream the one reply
@@ -302,12 +336,13 @@ def _cmd_generate(args) -> int:
     results = engine.generate(ids, cfg, strategy=strategy)
     elapsed = time.perf_counter() - t0
     total = sum(len(r.token_ids) for r in results)
-    for p, r in zip(prompts, results, strict=True):
+    for i, (p, r) in enumerate(zip(prompts, results, strict=True)):
+        adapter = adapters[i % len(adapters)]
         if args.json:
-            print(json.dumps({"prompt": p, "token_ids": r.token_ids, "text": r.text,
-                              "finish_reason": r.finish_reason, "tok_s": round(total / elapsed, 2)}))
+            print(json.dumps({"prompt": p, **({"adapter": adapter} if adapter else {}), "token_ids": r.token_ids,
+                              "text": r.text, "finish_reason": r.finish_reason, "tok_s": round(total / elapsed, 2)}))
         else:
-            print(r.text)
+            print(f"[{adapter}] {r.text}" if len(adapters) > 1 else r.text)
     return 0
 
 
@@ -334,12 +369,24 @@ def _cmd_chat(args) -> int:
     turns_in = args.message if args.message is not None else (None if interactive else sys.stdin.read().splitlines())
     _warn_unused(args, "sample")
     model, tok = _load(args)
-    chat = Chat(_engine(args, model, tok), system=args.system)  # one engine for every turn
+    engine = _engine(args, model, tok)
+    chat = Chat(engine, system=args.system)  # one engine for every turn
+    names = engine.adapters.names if engine.adapters is not None else []
+    active = [names[0] if names else None]
 
     def reply(user: str) -> None:
+        if user.startswith("/adapter"):
+            want = user.removeprefix("/adapter").strip()
+            if want not in [*names, "none"]:
+                print(f"daert: no adapter {want!r}; loaded: {', '.join(names) or '(none)'}, or none", file=sys.stderr)
+                return
+            active[0] = None if want == "none" else want
+            print(f"(adapter: {want})")
+            return
         print("assistant> ", end="", flush=True)
-        chat.reply(user, max_new_tokens=args.max_new_tokens, stop=args.stop, seed=args.seed,
-                   on_text=lambda t: print(t, end="", flush=True), **_sampling(args))
+        with engine.intervene(adapters=active[0]):
+            chat.reply(user, max_new_tokens=args.max_new_tokens, stop=args.stop, seed=args.seed,
+                       on_text=lambda t: print(t, end="", flush=True), **_sampling(args))
         print()
 
     if interactive:
@@ -360,6 +407,30 @@ def _cmd_chat(args) -> int:
     for user in turns:
         print(f"you> {user}")
         reply(user)
+    return 0
+
+
+def _cmd_dial(args) -> int:
+    from workbench.chat import prompt_ids
+    from workbench.hallucination.dial import Dial, DialConfig, factual_scores
+
+    if not 0.0 <= args.level <= 1.0:
+        raise ValueError(f"--level must be in [0, 1], got {args.level}")
+    config = DialConfig(max_temperature=args.max_temperature, max_strength=args.max_strength)
+    model, tok = _load(args)
+    engine = _engine(args, model, tok)
+    vector = None
+    if args.vector is not None:
+        from workbench.surgery import ControlVector
+
+        vector = ControlVector.import_gguf(args.vector)
+    dial = Dial(engine, vector, config)
+    ids = prompt_ids(tok, [{"role": "user", "content": args.prompt}])
+    res = dial.generate([ids], args.level, max_new_tokens=args.max_new_tokens, seed=args.seed)[0]
+    print(res.text)
+    if args.scores:
+        s = factual_scores(engine, [ids], [res.token_ids])[0]
+        print(json.dumps({"level": args.level, **{k: round(v, 4) for k, v in s.items()}}))
     return 0
 
 
@@ -431,7 +502,7 @@ def _cmd_edit(args) -> int:
     return surgery_cli.run(args)
 
 
-COMMANDS = {"models": _cmd_models, "serve": _cmd_serve, "export": _cmd_export, "edit": _cmd_edit, "generate": _cmd_generate, "chat": _cmd_chat, "ppl": _cmd_ppl,
+COMMANDS = {"models": _cmd_models, "serve": _cmd_serve, "export": _cmd_export, "edit": _cmd_edit, "generate": _cmd_generate, "chat": _cmd_chat, "dial": _cmd_dial, "ppl": _cmd_ppl,
             "corpora": _cmd_corpora}
 
 

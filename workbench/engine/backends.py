@@ -15,6 +15,7 @@ reuse) on both.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 
@@ -76,10 +77,11 @@ class HFBackend:
         context = applied.hf_context() if applied is not None else None
         kw = dict(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                   logits_to_keep=0 if all_positions else 1, **{self.cache_kwarg: cache.cache})
-        if context is not None:
-            with context:
-                out = self.model(**kw)
-        else:
+        with contextlib.ExitStack() as stack:
+            if context is not None:
+                stack.enter_context(context)
+            if applied is not None and applied.lora is not None:
+                stack.enter_context(_lora_hooks(self.model, applied.lora))
             out = self.model(**kw)
         cache.length = end
         return out.logits if all_positions else out.logits[:, -1]
@@ -135,6 +137,26 @@ class HFBackend:
         cache.length = length
 
 
+@contextlib.contextmanager
+def _lora_hooks(model, lora):
+    """Forward hooks adding each row's LoRA terms to the adapted modules' outputs, removed on exit."""
+    from workbench.lora.compute import add_lora
+
+    handles = []
+    try:
+        for path in lora.modules():
+            pool = lora.registry.pools[path]
+
+            def hook(_mod, args, out, pool=pool):
+                return add_lora(out, args[0], lora.rows, pool, lora.registry.kernel)
+
+            handles.append(model.get_submodule(path).register_forward_hook(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @dataclass
 class _Layer:
     norm1: torch.Tensor
@@ -167,6 +189,10 @@ def _cat_bias(*mods):
         return None
     return torch.cat([m.bias if m.bias is not None else torch.zeros(m.out_features, dtype=m.weight.dtype,
                                                                       device=m.weight.device) for m in mods])
+
+
+def _no_lora(_group, out, _x):
+    return out
 
 
 # hook points the fused native loop runs between its layers; every other one (but the pattern) takes the
@@ -250,6 +276,13 @@ class PackedLlamaBackend:
 
             bad = {n for n in applied.names if n.endswith(tuple(_PACKED_UNSUPPORTED))}
             return f"attention patterns ({describe(bad)}) exist only in the model's eager attention"
+        if applied.lora is not None:
+            from workbench.engine.interventions import describe
+            from workbench.lora.compute import packed_paths
+
+            bad = set(applied.lora.modules()) - packed_paths(self.spec, len(self.layers))
+            if bad:
+                return f"LoRA adapters on {describe(bad)}, which the packed layout has no place for"
         return None
 
     def _current_fingerprint(self):
@@ -341,12 +374,15 @@ class PackedLlamaBackend:
         sin = freqs.sin() * self.attention_scaling
         return cos.to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
 
-    def qkv_heads(self, ly: _Layer, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Input norm, fused q/k/v projection and (Qwen3) per-head q/k norms, before RoPE:
-        ``(qk [B, heads + kv_heads, T, D], v [B, kv_heads, T, D])``."""
+    def qkv_heads(self, ly: _Layer, h: torch.Tensor, add=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Input norm, fused q/k/v projection (``add``: LoRA terms, as in :meth:`finish_layer`) and (Qwen3)
+        per-head q/k norms, before RoPE: ``(qk [B, heads + kv_heads, T, D], v [B, kv_heads, T, D])``."""
         B, T = h.shape[:2]
         H, KV, D = self.heads, self.kv_heads, self.head_dim
-        qkv = F.linear(self._rms(h, ly.norm1), ly.wqkv, ly.bqkv)
+        x = self._rms(h, ly.norm1)
+        qkv = F.linear(x, ly.wqkv, ly.bqkv)
+        if add is not None:
+            qkv = add("qkv", qkv, x)
         qk = qkv[..., : (H + KV) * D].view(B, T, H + KV, D).transpose(1, 2)
         if ly.qk_norm is not None:
             qk = self._rms(qk, ly.qk_norm)
@@ -365,6 +401,7 @@ class PackedLlamaBackend:
         if why:
             raise ValueError(f"backend 'packed-llama' cannot run these interventions: {why}")
         iv = applied if applied else None
+        lora = self._lora(applied)
         keys_ok = mask.bool()[:, None, None, :]  # [B, 1, 1, end]
         if T > 1:
             q_slot = torch.arange(start, end, device=ids.device)
@@ -378,53 +415,81 @@ class PackedLlamaBackend:
         h = F.embedding(ids, self.embed)
         if iv is not None:
             h = iv.apply("hook_embed", None, "hook_embed", h)
-        if self.native is not None and (iv is None or iv.kinds <= _NATIVE_KINDS):
+        fused = T <= self.FUSED_MAX_TOKENS
+        if self.native is not None and (iv is None or iv.kinds <= _NATIVE_KINDS) and (lora is None or fused):
             # a few new tokens per row (decode, verification): the fused loop; its attention is a plain loop,
             # so longer prefills take the ATen loop (bitwise the Python one) and its blocked SDPA
-            run = self.native.decode_layers if T <= self.FUSED_MAX_TOKENS else self.native.layers_forward
-            if iv is None:
+            run = self.native.decode_layers if fused else self.native.layers_forward
+            extra = ()
+            if lora is not None:
+                run, extra = self.native.decode_layers_lora, lora.native
+            if iv is None or not (iv.offsets or iv.names):
                 h = run(h, *self._native_args, cache.k, cache.v, cos, sin, attn_mask, start, self.heads,
-                        self.kv_heads, self.head_dim, self.eps)
+                        self.kv_heads, self.head_dim, self.eps, *extra)
             else:  # one layer per call, the residual offsets and hooks in between
                 for i, args in enumerate(self._native_layer_args):
+                    if lora is not None:
+                        extra = lora.native_layer(i)
                     h = iv.apply(f"blocks.{i}.hook_resid_pre", i, "hook_resid_pre", h)
                     h = run(h.contiguous(), *args, cache.k[i: i + 1], cache.v[i: i + 1], cos, sin, attn_mask, start,
-                            self.heads, self.kv_heads, self.head_dim, self.eps)
+                            self.heads, self.kv_heads, self.head_dim, self.eps, *extra)
                     h = iv.apply(f"blocks.{i}.hook_resid_post", i, "hook_resid_post", h)
         else:
             for i, ly in enumerate(self.layers):
-                h = self._layer(i, ly, h, cache, start, end, cos, sin, attn_mask, iv)
+                h = self._layer(i, ly, h, cache, start, end, cos, sin, attn_mask, iv, lora)
         cache.length = end
         return self.head(h, iv, last_only=not all_positions)
 
-    def _layer(self, i, ly, h, cache, start, end, cos, sin, attn_mask, iv):
-        """One decoder layer of the Python loop; ``iv``: interventions at each of its hook points."""
+    def _layer(self, i, ly, h, cache, start, end, cos, sin, attn_mask, iv, lora=None):
+        """One decoder layer of the Python loop; ``iv``: interventions at each of its hook points; ``lora``:
+        per-row LoRA terms (:class:`workbench.lora.compute.PackedLora`)."""
         B, T = h.shape[:2]
         H, KV, D = self.heads, self.kv_heads, self.head_dim
         at = (lambda kind, x: iv.apply(f"blocks.{i}.{kind}", i, kind, x)) if iv is not None else None
         if at:
             h = at("hook_resid_pre", h)
-        qk, v = self.qkv_heads(ly, h)
+        qk, v = self.qkv_heads(ly, h, lora.adder(i) if lora is not None else None)
         qk = qk * cos + qk.roll(D // 2, -1) * sin  # RoPE on q and k heads at once
         cache.k[i, :, :, start:end] = qk[:, H:]
         cache.v[i, :, :, start:end] = v
         o = F.scaled_dot_product_attention(qk[:, :H], cache.k[i, :, :, :end], cache.v[i, :, :, :end],
                                            attn_mask=attn_mask, scale=D ** -0.5, enable_gqa=H != KV)
         o = o.transpose(1, 2)  # [B, T, H, D]
+        add = lora.adder(i) if lora is not None else _no_lora
         if at is None:
-            return self.finish_layer(ly, h, o.reshape(B, T, H * D))
+            return self.finish_layer(ly, h, o.reshape(B, T, H * D), add)
         o = at("attn.hook_z", o)
-        attn_out = at("hook_attn_out", F.linear(o.reshape(B, T, H * D), ly.wo, ly.bo))
+        x = o.reshape(B, T, H * D)
+        attn_out = at("hook_attn_out", add("o", F.linear(x, ly.wo, ly.bo), x))
         h = at("hook_resid_mid", h + attn_out)
-        g, u = F.linear(self._rms(h, ly.norm2), ly.wgu, ly.bgu).chunk(2, dim=-1)
-        mlp_out = at("hook_mlp_out", F.linear(at("mlp.hook_post", F.silu(g) * u), ly.wdown, ly.bdown))
+        x = self._rms(h, ly.norm2)
+        g, u = add("gu", F.linear(x, ly.wgu, ly.bgu), x).chunk(2, dim=-1)
+        x = at("mlp.hook_post", F.silu(g) * u)
+        mlp_out = at("hook_mlp_out", add("down", F.linear(x, ly.wdown, ly.bdown), x))
         return at("hook_resid_post", h + mlp_out)
 
-    def finish_layer(self, ly: _Layer, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        """Output projection + residual, then the SwiGLU MLP + residual. ``attn``: [..., heads * head_dim]."""
-        h = h + F.linear(attn, ly.wo, ly.bo)
-        g, u = F.linear(self._rms(h, ly.norm2), ly.wgu, ly.bgu).chunk(2, dim=-1)
-        return h + F.linear(F.silu(g) * u, ly.wdown, ly.bdown)
+    def finish_layer(self, ly: _Layer, h: torch.Tensor, attn: torch.Tensor, add=None) -> torch.Tensor:
+        """Output projection + residual, then the SwiGLU MLP + residual. ``attn``: [..., heads * head_dim];
+        ``add(group, out, x)``: adds LoRA terms to a projection's output."""
+        add = add or _no_lora
+        h = h + add("o", F.linear(attn, ly.wo, ly.bo), attn)
+        x = self._rms(h, ly.norm2)
+        g, u = add("gu", F.linear(x, ly.wgu, ly.bgu), x).chunk(2, dim=-1)
+        x = F.silu(g) * u
+        return h + add("down", F.linear(x, ly.wdown, ly.bdown), x)
+
+    def _lora(self, applied):
+        """The batch's LoRA terms in this backend's layout, rebuilt when the registry's pools change."""
+        if applied is None or applied.lora is None:
+            return None
+        from workbench.lora.compute import PackedLora
+
+        rl = applied.lora
+        key = (id(rl.registry), rl.registry.version, self._fingerprint)
+        if getattr(self, "_lora_key", None) != key:
+            self._lora_tables = PackedLora.tables(rl.registry, self)
+            self._lora_key = key
+        return PackedLora(self._lora_tables, rl.rows, self)
 
     def head(self, h: torch.Tensor, applied=None, last_only: bool = False) -> torch.Tensor:
         """Final norm (hook point ``ln_final.hook_normalized``, which sees every position, as in HF) and LM

@@ -59,14 +59,16 @@ class Engine:
     torch), ``"torch"`` or ``"triton"`` (on CPU this needs ``TRITON_INTERPRET=1``). The kernel draws from the
     same distribution with its own random stream (seeded per request, so still reproducible).
 
-    Interventions (residual offsets, hooks) go through :meth:`intervene`; hooks installed around a call with
-    ``workbench.interp.Hooks`` are honoured too (see :mod:`workbench.engine.interventions`).
+    Interventions (residual offsets, hooks, LoRA adapters per request) go through :meth:`intervene`; hooks
+    installed around a call with ``workbench.interp.Hooks`` are honoured too (see
+    :mod:`workbench.engine.interventions`). ``adapters``: the :class:`workbench.lora.AdapterRegistry` that adapter
+    names are looked up in.
     """
 
     SAMPLERS = ("auto", "torch", "triton")
 
     def __init__(self, model, tokenizer, *, threads: ThreadPolicy | None = DEFAULT_POLICY, backend: str = "auto",
-                 sampler: str = "auto", prefill_chunk: int = 2048):
+                 sampler: str = "auto", prefill_chunk: int = 2048, adapters=None):
         if not hasattr(model, "config") or not callable(model):
             raise TypeError("Engine needs a Hugging Face causal LM (a module with .config)")
         self.model = model
@@ -86,6 +88,9 @@ class Engine:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk  # long prompts go through in pieces: attention memory stays O(chunk * L)
         self._compiler = None
+        if adapters is not None and getattr(adapters, "model", None) is not model:
+            raise ValueError("the adapter registry was built for another model")
+        self.adapters = adapters
         self._interventions: list[Interventions] = []
         self._siblings: dict[tuple[int, int], Engine] = {}
 
@@ -100,16 +105,18 @@ class Engine:
     # -- interventions ------------------------------------------------------------------------------
 
     @contextmanager
-    def intervene(self, interventions: Interventions | None = None, *, offsets=None, hooks=()):
-        """Apply residual ``offsets`` and ``hooks`` (or an :class:`Interventions`) to every generation inside
-        the block, whatever the strategy; nested blocks add up. Removed on exit, even on error::
+    def intervene(self, interventions: Interventions | None = None, *, offsets=None, hooks=(), adapters=None):
+        """Apply residual ``offsets``, ``hooks`` and LoRA ``adapters`` (one name, or one name or None per
+        request; or an :class:`Interventions`) to every generation inside the block, whatever the strategy;
+        nested blocks add up. Removed on exit, even on error::
 
             with engine.intervene(offsets={"blocks.10.hook_resid_post": vec}):
                 engine.generate(prompts, cfg)
         """
-        if interventions is not None and (offsets or hooks):
-            raise ValueError("intervene takes an Interventions or offsets=/hooks=, not both")
-        iv = interventions if interventions is not None else Interventions(dict(offsets or {}), tuple(hooks))
+        if interventions is not None and (offsets or hooks or adapters is not None):
+            raise ValueError("intervene takes an Interventions or offsets=/hooks=/adapters=, not both")
+        iv = interventions if interventions is not None else Interventions(dict(offsets or {}), tuple(hooks),
+                                                                            adapters)
         if not isinstance(iv, Interventions):
             raise TypeError(f"intervene takes an Interventions, got {type(iv).__name__}")
         self._interventions.append(iv)
@@ -155,17 +162,19 @@ class Engine:
     # -- the step API -------------------------------------------------------------------------------
 
     def start(self, prompts: Sequence[Sequence[int]], extra: int, *, requests: Sequence[int] | None = None,
-              n_requests: int | None = None) -> Session:
+              n_requests: int | None = None, adapters: Sequence[str | None] | None = None) -> Session:
         """Prefill token-id ``prompts`` (one cache row each) with room for ``extra`` more slots per row.
 
-        ``requests[r]``: the request row ``r`` serves (default: its own index), for per-request offsets;
-        ``n_requests``: how many requests there are (default: ``len(prompts)``).
+        ``requests[r]``: the request row ``r`` serves (default: its own index), for per-request offsets and
+        adapters; ``n_requests``: how many requests there are (default: ``len(prompts)``); ``adapters``: a LoRA
+        adapter name (or None) per request, when no :meth:`intervene` block chooses them.
         """
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("start needs at least one non-empty prompt")
         req = torch.as_tensor(list(range(len(prompts))) if requests is None else list(requests), device=self.device)
         n = len(prompts) if n_requests is None else n_requests
-        applied = Applied(self.model, self.interventions, req, n)
+        iv = self.interventions if adapters is None else self.interventions.with_adapters(adapters)
+        applied = Applied(self.model, iv, req, n, self.adapters)
         backend = self._choose_backend(applied, max(len(p) for p in prompts) + extra)
         return Session(self, backend, applied, prompts, extra, req)
 

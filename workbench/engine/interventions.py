@@ -1,6 +1,6 @@
 """Interventions: the one seam through which the engine changes what the model computes.
 
-Three kinds, all honoured by every backend or refused with the reason:
+Four kinds, all honoured by every backend or refused with the reason:
 
 - **residual offsets**: a vector added to the residual stream at ``blocks.{i}.hook_resid_pre`` or
   ``blocks.{i}.hook_resid_post``, one ``[d_model]`` vector for every row or ``[n_requests, d_model]``, one per
@@ -11,6 +11,11 @@ Three kinds, all honoured by every backend or refused with the reason:
   the model's own forward and an explicit ``backend="packed-llama"`` raise.
 - **weight changes**: edit the model's parameters in place; the packed backend notices through the tensors'
   version counters and re-packs before the next request.
+- **LoRA adapters**: one adapter name (or None) per request, from the engine's
+  :class:`workbench.lora.AdapterRegistry`; each row adds its own adapter's low-rank terms, never merged into the
+  weights. The packed backend runs adapters on q/k/v/o/gate/up/down (its fused decode loop included); an adapter
+  on any other linear layer takes the model's own forward, where the terms are added by forward hooks on the
+  adapted modules, present only during that forward.
 
 At one hook point the order is: ``Hooks`` contexts on the model (oldest first), then offsets, then the
 engine's hooks.
@@ -34,10 +39,12 @@ class Interventions:
 
     ``offsets``: hook name (``blocks.{i}.hook_resid_pre`` / ``hook_resid_post``) -> tensor ``[d]`` or
     ``[n_requests, d]``. ``hooks``: ``(name or name filter, fn)`` pairs as for ``workbench.interp.Hooks``.
+    ``adapters``: a registered LoRA adapter name for every request, or one name (or None) per request.
     """
 
     offsets: Mapping[str, torch.Tensor] = field(default_factory=dict)
     hooks: Sequence[tuple[str | Callable[[str], bool], Callable]] = ()
+    adapters: str | Sequence[str | None] | None = None
 
     def __post_init__(self):
         for name, vec in self.offsets.items():
@@ -51,6 +58,11 @@ class Interventions:
         for pair in self.hooks:
             if not (isinstance(pair, tuple) and len(pair) == 2 and callable(pair[1])):
                 raise TypeError(f"hooks must be (name, fn) pairs, got {pair!r}")
+        a = self.adapters
+        if a is not None and not isinstance(a, str):
+            if not isinstance(a, Sequence) or not all(n is None or isinstance(n, str) for n in a):
+                raise TypeError(f"adapters must be a name or a list of names (or None) per request, got {a!r}")
+            object.__setattr__(self, "adapters", tuple(a))
 
     @classmethod
     def residual(cls, vectors: Mapping[int, torch.Tensor], point: str = "hook_resid_post",
@@ -61,18 +73,44 @@ class Interventions:
         return cls({f"blocks.{int(i)}.{point}": v for i, v in vectors.items()}, hooks)
 
     def __bool__(self) -> bool:
-        return bool(self.offsets or self.hooks)
+        return bool(self.offsets or self.hooks or self._uses_adapters)
+
+    @property
+    def _uses_adapters(self) -> bool:
+        a = self.adapters
+        return a is not None and (isinstance(a, str) or any(n is not None for n in a))
+
+    def adapter_names(self, n_requests: int) -> list[str | None] | None:
+        """The adapter of each of ``n_requests`` requests (None: no adapter anywhere)."""
+        a = self.adapters
+        if not self._uses_adapters:
+            return None
+        if isinstance(a, str):
+            return [a] * n_requests
+        if len(a) != n_requests:
+            raise ValueError(f"{len(a)} adapter names for {n_requests} requests")
+        return list(a)
 
     def merged(self, other: Interventions) -> Interventions:
-        """Both: offsets at the same point add up; hooks run in order (``self``'s first)."""
+        """Both: offsets at the same point add up; hooks run in order (``self``'s first). Only one of them may
+        choose adapters."""
         if not other:
             return self
         if not self:
             return other
+        if self._uses_adapters and other._uses_adapters:
+            raise ValueError("two intervention blocks both choose LoRA adapters; choose them in one place")
         offsets = dict(self.offsets)
         for name, v in other.offsets.items():
             offsets[name] = offsets[name] + v if name in offsets else v
-        return Interventions(offsets, (*self.hooks, *other.hooks))
+        adapters = self.adapters if self._uses_adapters else other.adapters
+        return Interventions(offsets, (*self.hooks, *other.hooks), adapters)
+
+    def with_adapters(self, adapters: Sequence[str | None]) -> Interventions:
+        """These interventions with per-request ``adapters`` (the same offsets and hooks objects)."""
+        if self._uses_adapters:
+            raise ValueError("adapters are already chosen by an intervention block")
+        return Interventions(self.offsets, self.hooks, tuple(adapters))
 
 
 NONE = Interventions()
@@ -80,14 +118,23 @@ NONE = Interventions()
 
 class Applied:
     """Interventions resolved for one batch in the KV cache: offsets as ``[rows, 1, d]`` tensors in the model's
-    dtype, gathered per cache row from the request each row serves; hook contexts to run."""
+    dtype, gathered per cache row from the request each row serves; hook contexts to run; the LoRA slot of every
+    row (``lora``, with its registry and the lease that keeps those adapters resident)."""
 
-    def __init__(self, model, iv: Interventions, requests: torch.Tensor, n_requests: int):
+    def __init__(self, model, iv: Interventions, requests: torch.Tensor, n_requests: int, registry=None):
         from workbench.arch import arch_of, get_module
         from workbench.interp.hooks import Hooks, active_hooks, foreign_hooks
 
         self.model = model
         self.iv = iv
+        self.lora: RowAdapters | None = None
+        names = iv.adapter_names(n_requests)
+        if names is not None:
+            if registry is None:
+                raise ValueError("adapters were chosen but the engine has no adapter registry: build it with "
+                                 "Engine(model, tok, adapters=AdapterRegistry(model))")
+            slots, lease = registry.lease(names)
+            self.lora = RowAdapters(registry, slots.index_select(0, requests), [lease])
         self.hooks = Hooks(model, list(iv.hooks)) if iv.hooks else None
         self._collect(active_hooks(model))  # Hooks contexts installed around the call (see refresh)
         self.foreign = foreign_hooks(model, self.external)  # raw torch hooks nobody here can replay
@@ -134,7 +181,39 @@ class Applied:
         self._hf_context = None  # its offset functions hold the old rows
 
     def __bool__(self) -> bool:
-        return bool(self.offsets or self.names or self.foreign)
+        return bool(self.offsets or self.names or self.foreign or self.lora is not None)
+
+    def reindex(self, index: torch.Tensor) -> None:
+        """Row ``r`` becomes old row ``index[r]`` (LoRA slots follow their rows)."""
+        if self.lora is not None:
+            self.lora.rows = self.lora.rows.index_select(0, index)
+
+    def can_join(self, other: Applied) -> str | None:
+        """Why rows prefilled under ``other`` cannot join a batch run under these interventions (None: they can:
+        the same offsets and hooks, adapters chosen per row from the same registry)."""
+        if other.iv is self.iv:
+            return None
+        a, b = self.iv, other.iv
+        if a.offsets is not b.offsets or a.hooks is not b.hooks:
+            return "the joining session runs with other offsets or hooks"
+        if any(v.dim() == 2 for v in a.offsets.values()):
+            return "per-request offsets index requests of one generate call"
+        regs = {x.lora.registry for x in (self, other) if x.lora is not None}
+        if len(regs) > 1:
+            return "the sessions use different adapter registries"
+        return None
+
+    def joined_rows(self, parts: list[tuple[Applied, torch.Tensor]]) -> None:
+        """LoRA slots of a regrouped batch: ``parts`` are (the rows' old Applied, their old row indices)."""
+        srcs = [x for x, _ in parts if x.lora is not None]
+        if not srcs:
+            self.lora = None
+            return
+        registry = srcs[0].lora.registry
+        rows = torch.cat([x.lora.rows.index_select(0, r) if x.lora is not None else
+                          torch.full((len(r),), -1, dtype=torch.long, device=r.device) for x, r in parts])
+        # a lease on exactly the slots still in use (taken before the old leases go)
+        self.lora = RowAdapters(registry, rows, [registry.repin([s for s in torch.unique(rows).tolist() if s >= 0])])
 
     def apply(self, name: str, layer: int | None, kind: str, act: torch.Tensor) -> torch.Tensor:
         """External hooks, then the offset, then the engine's hooks, at one hook point (packed backend)."""
@@ -160,6 +239,23 @@ class Applied:
                 pairs += [(name, fn) for name, fns in self.hooks.fns.items() for fn in fns]
             self._hf_context = Hooks(self.model, pairs)
         return self._hf_context
+
+
+class RowAdapters:
+    """The LoRA slot of every cache row (``rows`` [B], -1: none) in ``registry``'s pools; ``leases`` keep the
+    slots resident while the batch runs."""
+
+    def __init__(self, registry, rows: torch.Tensor, leases: list):
+        self.registry, self.rows, self.leases = registry, rows, leases
+
+    def used_slots(self) -> list[int]:
+        return [s for s in torch.unique(self.rows).tolist() if s >= 0]
+
+    def modules(self) -> list[str]:
+        """Module paths some row's adapter adapts."""
+        used = self.used_slots()
+        return sorted(p for p, pool in self.registry.pools.items()
+                      if any(s < pool.ranks.shape[0] and int(pool.ranks[s]) for s in used))
 
 
 def _adder(off: torch.Tensor):

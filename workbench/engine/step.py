@@ -142,11 +142,13 @@ class Session:
         self.pos = self.pos.index_select(0, index)
         self.requests = self.requests.index_select(0, index)
         self.applied.select(self.requests)
+        self.applied.reindex(index)
 
     @torch.no_grad()
     def regroup(self, keep: Sequence[int], joining: Session | None = None, extra: int = 0) -> None:
         """Rebuild the batch from old rows ``keep`` followed by every row of ``joining`` (a session started on
-        the same engine, backend and interventions), with room for ``extra`` more slots per row.
+        the same engine, backend and interventions, its rows' LoRA adapters aside), with room for ``extra`` more
+        slots per row.
 
         Each row's valid slots are packed to the right end of the new cache (its keys already carry their
         positions, and attention goes by the mask), so a row sees exactly the keys and positions it saw before:
@@ -156,8 +158,9 @@ class Session:
         if joining is not None:
             if joining.backend is not self.backend:
                 raise ValueError("the joining session runs on another backend")
-            if joining.applied.iv is not self.applied.iv:
-                raise ValueError("the joining session runs with other interventions")
+            why = self.applied.can_join(joining.applied)
+            if why:
+                raise ValueError(f"cannot regroup: {why}")
             parts += [(joining, r) for r in range(joining.B)]
         if not parts:
             raise ValueError("regroup needs at least one row")
@@ -190,5 +193,6 @@ class Session:
         self.logits = torch.cat([src.logits.index_select(0, r) for src, r in rows])
         self.pos = torch.cat([src.pos.index_select(0, r) for src, r in rows])
         self.requests = torch.cat([src.requests.index_select(0, r) for src, r in rows])
+        self.applied.joined_rows([(src.applied, r) for src, r in rows])
         self.cache, self.mask, self.B, self.capacity, self.filled = cache, mask, B, cap, L
         self.applied.select(self.requests)

@@ -153,19 +153,26 @@ def create_app(server: Server):
         return PlainTextResponse(server.metrics.render(queue_depth=server.scheduler.queue_depth, cache=server.cache),
                                  media_type="text/plain; version=0.0.4")
 
-    def model_card():
-        return {"id": server.name, "object": "model", "created": server.created, "owned_by": "daert"}
+    def served_names() -> list[str]:
+        reg = server.engine.adapters
+        return [server.name, *(f"{server.name}:{a}" for a in (reg.names if reg is not None else []))]
+
+    def model_card(name: str):
+        card = {"id": name, "object": "model", "created": server.created, "owned_by": "daert"}
+        if name != server.name:
+            card["parent"] = server.name  # a LoRA adapter on the base model
+        return card
 
     @app.get("/v1/models")
     async def models():
         server.metrics.request("/v1/models", 200)
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card(n) for n in served_names()]}
 
     @app.get("/v1/models/{name:path}")
     async def model(name: str):
-        if name != server.name:
+        if name not in served_names():
             raise APIError(404, f"model {name!r} is not served here", param="model", code="model_not_found")
-        return model_card()
+        return model_card(name)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
@@ -180,7 +187,7 @@ def create_app(server: Server):
         p = protocol.parse(body, kind, engine=server.engine, model_name=server.name, context=server.context,
                            default_max_tokens=cfg.default_max_tokens)
         prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
-        r = Renderer(server.engine.tokenizer, kind, server.name, prefix + uuid.uuid4().hex, int(time.time()),
+        r = Renderer(server.engine.tokenizer, kind, p.model, prefix + uuid.uuid4().hex, int(time.time()),
                      server.fingerprint())
         key = cache_key(server.identity(), p.canonical) if server.cache is not None and p.deterministic else None
         cached = await server.cache.get(key) if key else None
@@ -294,6 +301,8 @@ def _embedding_request(server: Server, body) -> tuple[list[list[int]], int | Non
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object")
     if body.get("model") != server.name:
+        if isinstance(body.get("model"), str) and body["model"].startswith(server.name + ":"):
+            raise bad("embeddings come from the base model; adapters are not applied to them", "model")
         raise bad(f"model {body.get('model')!r} is not served here; this server serves {server.name!r}", "model",
                   "model_not_found")
     inp = body.get("input")
@@ -346,7 +355,8 @@ class Run:
             strategy_config = SpeculativeConfig(max_new_tokens=c.max_new_tokens, sampling=c.sampling,
                                                 seed=c.seed, stop_strings=c.stop_strings, logprobs=c.logprobs,
                                                 ignore_eos=c.ignore_eos)
-        return Job(prompt, p.config, emit, n=p.n, strategy=p.strategy, strategy_config=strategy_config)
+        return Job(prompt, p.config, emit, n=p.n, strategy=p.strategy, strategy_config=strategy_config,
+                   adapter=p.adapter)
 
     def submit(self) -> None:
         try:

@@ -130,6 +130,7 @@ class Parsed:
     strategy: str
     logprobs: int | None  # alternatives per token (None: off)
     canonical: dict = field(default_factory=dict)  # every parameter that shapes the output (cache key)
+    adapter: str | None = None  # LoRA adapter name (None: the base model)
 
     @property
     def deterministic(self) -> bool:
@@ -148,9 +149,7 @@ def parse(body, kind: str, *, engine, model_name: str, context: int, default_max
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad("model is required", "model")
-    if model != model_name:
-        raise bad(f"model {model!r} is not served here; this server serves {model_name!r}", "model",
-                  "model_not_found")
+    adapter = resolve_adapter(body, model, model_name, engine.adapters)
     for name, what in UNSUPPORTED.items():
         if body.get(name):
             raise bad(f"{what} is not supported by this server", name)
@@ -230,9 +229,30 @@ def parse(body, kind: str, *, engine, model_name: str, context: int, default_max
                                                        "presence_penalty")},
         "logit_bias": sorted(sampling.logit_bias.items()), "stop": list(config.stop_strings), "seed": seed,
         "response_format": body.get("response_format"), "ignore_eos": ignore_eos, "strategy": strategy,
+        "adapter": [adapter, engine.adapters.fingerprint(adapter)] if adapter else None,
     }
     return Parsed(kind, model, prompts, config, n, stream, bool(opts.get("include_usage")), strategy, logprobs,
-                  canonical)
+                  canonical, adapter)
+
+
+def resolve_adapter(body: dict, model: str, model_name: str, registry) -> str | None:
+    """The LoRA adapter a request asks for: the model ``SERVED:ADAPTER`` (as LoRAX and vLLM name them) or the
+    body field ``adapter``; None for the base model."""
+    names = registry.names if registry is not None else []
+    served = [model_name, *(f"{model_name}:{a}" for a in names)]
+    if model not in served:
+        raise bad(f"model {model!r} is not served here; this server serves {', '.join(map(repr, served))}", "model",
+                  "model_not_found")
+    adapter = model[len(model_name) + 1:] or None
+    field_value = body.get("adapter")
+    if field_value is not None:
+        if not isinstance(field_value, str) or field_value not in names:
+            raise bad(f"adapter {field_value!r} is not loaded; loaded: {', '.join(names) or '(none)'}", "adapter",
+                      "model_not_found")
+        if adapter is not None and adapter != field_value:
+            raise bad(f"the model names adapter {adapter!r} but the adapter field says {field_value!r}", "adapter")
+        adapter = field_value
+    return adapter
 
 
 def _chat_prompt(tokenizer, messages) -> list[int]:

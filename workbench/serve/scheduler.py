@@ -52,6 +52,7 @@ class Job:
     n: int = 1
     strategy: str = "sample"
     strategy_config: object | None = None
+    adapter: str | None = None  # LoRA adapter name (None: the base model)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
@@ -294,24 +295,37 @@ class Scheduler:
             except Exception as e:  # e.g. a constraint that does not compile: only this job fails
                 job.emit(e)
         if not new_rows:
-            if not keep:
-                self.rows, self._session = [], None
-            elif len(keep) < len(self.rows):
-                self._regroup(keep, None)
+            self._keep_only(keep)
             return
         extra = max(r.remaining for r in new_rows)
-        joining = self.engine.start([r.job.prompt_ids for r in new_rows], 0 if keep else extra)
+        adapters = [r.job.adapter for r in new_rows]
+        try:
+            joining = self.engine.start([r.job.prompt_ids for r in new_rows], 0 if keep else extra,
+                                        adapters=adapters if any(adapters) else None)
+        except Exception as e:  # e.g. every adapter slot held by running rows: these jobs fail, the batch goes on
+            for job in {id(r.job): r.job for r in new_rows}.values():
+                job.emit(e)
+            self._keep_only(keep)
+            return
         if not keep:
             self.rows, self._session = new_rows, joining
             self._seen, self._counts = self._fresh_state(new_rows)
             return
         self._regroup(keep, joining, new_rows)
 
+    def _keep_only(self, keep: list[int]) -> None:
+        """The batch shrinks to rows ``keep`` (or ends)."""
+        if not keep:
+            self.rows, self._session = [], None
+        elif len(keep) < len(self.rows):
+            self._regroup(keep, None)
+
     def _run_solo(self, job: Job) -> None:
         """A strategy that does not batch (speculative decoding): run it alone between steps."""
         try:
-            results: list[GenerationResult] = [
-                self.engine.generate([job.prompt_ids], job.strategy_config, strategy=job.strategy)[0]]
+            with self.engine.intervene(adapters=job.adapter):
+                results: list[GenerationResult] = [
+                    self.engine.generate([job.prompt_ids], job.strategy_config, strategy=job.strategy)[0]]
         except Exception as e:
             job.emit(e)
             return

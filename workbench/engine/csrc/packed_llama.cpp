@@ -8,6 +8,8 @@
 //   the KV-cache write, attention over the cached keys and SiLU*up are plain loops. Same math, other
 //   summation order: equal to the Python loop within float rounding (tested), not bitwise.
 // skinny_linear: x @ w.T for a few rows of x, exposed for the LM head.
+// decode_layers_lora: decode_layers plus per-row LoRA terms on q/k/v/o/gate/up/down, gathered from stacked
+//   adapter pools (BGMV: each row reads its own adapter's A and B, Chen et al. 2023, "Punica").
 //
 // Weights are in nn.Linear's layout, [out_features, in_features], contiguous.
 #include <torch/extension.h>
@@ -205,11 +207,67 @@ static void rms_rows(const float* x, const float* w, float* out, int64_t B, int6
   }
 }
 
-Tensor decode_layers(const Tensor& h_in, const std::vector<Tensor>& norm1, const std::vector<Tensor>& wqkv,
-                     const std::vector<Tensor>& wo, const std::vector<Tensor>& norm2,
-                     const std::vector<Tensor>& wgu, const std::vector<Tensor>& wdown, const Tensor& cache_k,
-                     const Tensor& cache_v, const Tensor& cos_in, const Tensor& sin_in, const Tensor& mask_in,
-                     int64_t start, int64_t H, int64_t KV, int64_t D, double eps_d) {
+// --- LoRA terms: out[r, col0 + n] += sum_j (a[s, j] . x[r]) * bt[s, j, n], s = the slot of row r's request ----
+// Pools per (layer, kind): a [S, r_max, K], bt [S, r_max, N] (scaling folded in), rank [S] int32; an empty
+// tensor: no adapter in the batch adapts that module. kind: 0..6 = q, k, v, o, gate, up, down.
+constexpr int LORA_KINDS = 7;
+
+struct Lora {
+  const int64_t* idx;  // [B]: slot per batch row, -1 for none
+  int64_t T;           // tokens per row (flattened row r belongs to batch row r / T)
+  const std::vector<Tensor>* a;
+  const std::vector<Tensor>* bt;
+  const std::vector<Tensor>* rank;
+};
+
+static void check_lora(const Lora& L, size_t layers, int64_t B) {
+  TORCH_CHECK(L.a->size() == layers * LORA_KINDS && L.bt->size() == L.a->size() && L.rank->size() == L.a->size(),
+              "decode_layers_lora: one a / bt / rank entry per layer and kind (", layers * LORA_KINDS, ")");
+  for (size_t e = 0; e < L.a->size(); ++e) {
+    const Tensor &a = (*L.a)[e], &bt = (*L.bt)[e], &rk = (*L.rank)[e];
+    if (a.numel() == 0) continue;
+    TORCH_CHECK(a.dim() == 3 && bt.dim() == 3 && a.size(0) == bt.size(0) && a.size(1) == bt.size(1) &&
+                    a.is_contiguous() && bt.is_contiguous() && a.scalar_type() == at::kFloat &&
+                    bt.scalar_type() == at::kFloat && rk.scalar_type() == at::kInt && rk.numel() == a.size(0),
+                "decode_layers_lora: pool ", e, " must be float32 a [S, r, K], bt [S, r, N] and int32 rank [S]");
+    for (int64_t b = 0; b < B; ++b)
+      TORCH_CHECK(L.idx[b] < a.size(0), "decode_layers_lora: slot ", L.idx[b], " outside pool ", e);
+  }
+}
+
+static void lora_add(const Lora* L, size_t layer, int kind, const float* x, int64_t K, int64_t R, float* out,
+                     int64_t ldo, int64_t col0) {
+  if (L == nullptr) return;
+  const size_t e = layer * LORA_KINDS + kind;
+  const Tensor &A = (*L->a)[e], &Bt = (*L->bt)[e];
+  if (A.numel() == 0) return;
+  TORCH_CHECK(A.size(2) == K && col0 + Bt.size(2) <= ldo, "decode_layers_lora: pool ", e, " has the wrong shape");
+  const int64_t rmax = A.size(1), N = Bt.size(2);
+  const float *ap = A.data_ptr<float>(), *bp = Bt.data_ptr<float>();
+  const int32_t* rk = (*L->rank)[e].data_ptr<int32_t>();
+  at::parallel_for(0, R, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> y(rmax);
+    for (int64_t r = lo; r < hi; ++r) {
+      const int64_t s = L->idx[r / L->T];
+      if (s < 0 || rk[s] == 0) continue;
+      const int64_t rank = rk[s];
+      const float *as = ap + s * rmax * K, *xs = x + r * K, *bs = bp + s * rmax * N;
+      for (int64_t j = 0; j < rank; ++j) y[j] = dot(xs, as + j * K, K);  // shrink
+      float* o = out + r * ldo + col0;
+      for (int64_t j = 0; j < rank; ++j) {  // expand, one B row at a time (o stays in L1)
+        const float yj = y[j];
+        const float* bj = bs + j * N;
+        for (int64_t n = 0; n < N; ++n) o[n] += yj * bj[n];
+      }
+    }
+  });
+}
+
+static Tensor decode_impl(const Tensor& h_in, const std::vector<Tensor>& norm1, const std::vector<Tensor>& wqkv,
+                          const std::vector<Tensor>& wo, const std::vector<Tensor>& norm2,
+                          const std::vector<Tensor>& wgu, const std::vector<Tensor>& wdown, const Tensor& cache_k,
+                          const Tensor& cache_v, const Tensor& cos_in, const Tensor& sin_in, const Tensor& mask_in,
+                          int64_t start, int64_t H, int64_t KV, int64_t D, double eps_d, const Lora* lora) {
   TORCH_CHECK(h_in.dim() == 3 && h_in.scalar_type() == at::kFloat,
               "decode_layers: h must be a float32 [B, T, d] tensor");
   check_lists(norm1, wqkv, wo, norm2, wgu, wdown, cache_k, cache_v);
@@ -255,6 +313,9 @@ Tensor decode_layers(const Tensor& h_in, const std::vector<Tensor>& norm1, const
     float* cv = cache_v.data_ptr<float>() + i * layer_stride;
     rms_rows(hp, norm1[i].data_ptr<float>(), xp, R, d, eps);
     linear_into(xn, wqkv[i], qkv, false);
+    lora_add(lora, i, 0, xp, d, R, qkvp, row, 0);
+    lora_add(lora, i, 1, xp, d, R, qkvp, row, H * D);
+    lora_add(lora, i, 2, xp, d, R, qkvp, row, (H + KV) * D);
     // RoPE (rotate-half form with a sign-folded sin) on q and k; k and v go into cache slot start + t
     for (int64_t r = 0; r < R; ++r) {
       const int64_t b = r / T, slot = start + r % T;
@@ -303,20 +364,50 @@ Tensor decode_layers(const Tensor& h_in, const std::vector<Tensor>& norm1, const
       }
     });
     linear_into(att, wo[i], h, true);  // h += attn @ Wo.T
+    lora_add(lora, i, 3, attp, H * D, R, hp, d, 0);
     rms_rows(hp, norm2[i].data_ptr<float>(), xp, R, d, eps);
     linear_into(xn, wgu[i], gu, false);
+    lora_add(lora, i, 4, xp, d, R, gup, 2 * I, 0);
+    lora_add(lora, i, 5, xp, d, R, gup, 2 * I, I);
     for (int64_t r = 0; r < R; ++r) {
       const float *g = gup + r * 2 * I, *u = g + I;
       float* a = actp + r * I;
       for (int64_t e = 0; e < I; ++e) a[e] = g[e] / (1.f + std::exp(-g[e])) * u[e];
     }
     linear_into(act, wdown[i], h, true);  // h += silu(gate) * up @ Wdown.T
+    lora_add(lora, i, 6, actp, I, R, hp, d, 0);
   }
   return h.view({B, T, d});
+}
+
+Tensor decode_layers(const Tensor& h_in, const std::vector<Tensor>& norm1, const std::vector<Tensor>& wqkv,
+                     const std::vector<Tensor>& wo, const std::vector<Tensor>& norm2,
+                     const std::vector<Tensor>& wgu, const std::vector<Tensor>& wdown, const Tensor& cache_k,
+                     const Tensor& cache_v, const Tensor& cos_in, const Tensor& sin_in, const Tensor& mask_in,
+                     int64_t start, int64_t H, int64_t KV, int64_t D, double eps) {
+  return decode_impl(h_in, norm1, wqkv, wo, norm2, wgu, wdown, cache_k, cache_v, cos_in, sin_in, mask_in, start, H,
+                     KV, D, eps, nullptr);
+}
+
+Tensor decode_layers_lora(const Tensor& h_in, const std::vector<Tensor>& norm1, const std::vector<Tensor>& wqkv,
+                          const std::vector<Tensor>& wo, const std::vector<Tensor>& norm2,
+                          const std::vector<Tensor>& wgu, const std::vector<Tensor>& wdown, const Tensor& cache_k,
+                          const Tensor& cache_v, const Tensor& cos_in, const Tensor& sin_in, const Tensor& mask_in,
+                          int64_t start, int64_t H, int64_t KV, int64_t D, double eps, const Tensor& lora_idx,
+                          const std::vector<Tensor>& lora_a, const std::vector<Tensor>& lora_bt,
+                          const std::vector<Tensor>& lora_rank) {
+  TORCH_CHECK(h_in.dim() == 3, "decode_layers_lora: h must be [B, T, d]");
+  TORCH_CHECK(lora_idx.scalar_type() == at::kLong && lora_idx.is_contiguous() && lora_idx.numel() == h_in.size(0),
+              "decode_layers_lora: lora_idx must be a contiguous int64 tensor with one slot per batch row");
+  const Lora lora{lora_idx.data_ptr<int64_t>(), h_in.size(1), &lora_a, &lora_bt, &lora_rank};
+  check_lora(lora, norm1.size(), h_in.size(0));
+  return decode_impl(h_in, norm1, wqkv, wo, norm2, wgu, wdown, cache_k, cache_v, cos_in, sin_in, mask_in, start, H,
+                     KV, D, eps, &lora);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("layers_forward", &layers_forward, "packed Llama decoder layers (ATen ops, bitwise equal to Python)");
   m.def("decode_layers", &decode_layers, "packed Llama decoder layers for a few new tokens per row (fused loops)");
+  m.def("decode_layers_lora", &decode_layers_lora, "decode_layers plus per-row LoRA terms from adapter pools");
   m.def("skinny_linear", &skinny_linear, "x @ w.T for a few rows of x, each weight row read once");
 }
