@@ -60,7 +60,6 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
-
     import workbench
     from workbench.chat import prompt_ids
     from workbench.engine import Engine, GenerationConfig

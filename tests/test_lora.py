@@ -448,3 +448,73 @@ def test_cli_chat_switches_adapters(adapters, capsys):
     replies = [line for line in cap.out.splitlines() if line.startswith("assistant> ")]
     assert len(replies) == 2 and "(adapter: none)" in cap.out
     assert "no adapter 'nope'" in cap.err
+
+
+def test_alpha_pattern_keys_are_regexes_as_in_peft(tiny, tmp_path):
+    pm = make_adapter(tiny[0], tmp_path / "alt", 4, ["q_proj", "v_proj"], 3,
+                      alpha_pattern={"q_proj|v_proj": 32.0})
+    ours = load_adapter(tmp_path / "alt")
+    for path, m in ours.modules.items():
+        assert m.scaling == pytest.approx(pm.get_submodule("base_model.model." + path).scaling["default"]) \
+            == pytest.approx(8.0)
+
+
+def test_unknown_config_fields_are_refused(adapters, tmp_path):
+    bad = _edit_config(adapters["a0"][0], tmp_path / "future", future_router_config={"experts": 4})
+    with pytest.raises(AdapterError, match="future_router_config"):
+        load_adapter(bad)
+
+
+def test_server_parks_rows_that_need_another_backend(tiny, tmp_path):
+    """Rows whose adapter runs on the model's own forward (an LM-head adapter) cannot share a packed batch: they
+    wait, prefilled, until it drains, and both requests get their own tokens."""
+    from safetensors.torch import load_file, save_file
+
+    from workbench.serve.scheduler import Job, Scheduler
+
+    model, tok = tiny
+    pm = make_adapter(model, tmp_path / "head", 4, ["lm_head"], 5)
+    f = tmp_path / "head" / "adapter_model.safetensors"
+    save_file({k: v for k, v in load_file(f).items() if "base_layer" not in k}, f)
+    reg = AdapterRegistry(model)
+    reg.add("head", tmp_path / "head")
+    eng = Engine(model, tok, adapters=reg, threads=None)
+    import threading
+
+    done = {"base": threading.Event(), "head": threading.Event()}
+    started = threading.Event()
+    got = {"base": [], "head": []}
+    backends = []
+
+    def emit_for(name):
+        def emit(ev):
+            if isinstance(ev, BaseException):
+                got[name].append(ev)
+                done[name].set()
+                return
+            if ev.token_id is not None:
+                got[name].append(ev.token_id)
+            started.set()
+            if ev.finished:
+                done[name].set()
+        return emit
+
+    cfg = GenerationConfig(max_new_tokens=12, sampling=GREEDY, ignore_eos=True)
+    sched = Scheduler(eng, max_batch=4, on_step=lambda n: backends.append(sched._session and
+                                                                          sched._session.backend.name)).start()
+    try:
+        sched.submit(Job(PROMPTS[0], GenerationConfig(max_new_tokens=40, sampling=GREEDY, ignore_eos=True),
+                         emit_for("base")))
+        assert started.wait(60)  # the base row is decoding on the packed backend
+        sched.submit(Job(PROMPTS[1], cfg, emit_for("head"), adapter="head"))
+        assert done["base"].wait(60) and done["head"].wait(60)
+    finally:
+        sched.close()
+    assert "packed-llama" in backends and "hf" in backends  # two batches, one after the other
+    with torch.no_grad():
+        ids = list(PROMPTS[1])
+        for _ in range(12):
+            ids.append(int(pm(torch.tensor([ids])).logits[0, -1].argmax()))
+    assert got["head"] == ids[len(PROMPTS[1]):]
+    ref = eng.generate([PROMPTS[0]], GenerationConfig(max_new_tokens=40, sampling=GREEDY, ignore_eos=True))[0]
+    assert got["base"] == ref.token_ids

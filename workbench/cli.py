@@ -375,8 +375,9 @@ def _cmd_chat(args) -> int:
     active = [names[0] if names else None]
 
     def reply(user: str) -> None:
-        if user.startswith("/adapter"):
-            want = user.removeprefix("/adapter").strip()
+        command, _, want = user.partition(" ")
+        if command == "/adapter":
+            want = want.strip()
             if want not in [*names, "none"]:
                 print(f"daert: no adapter {want!r}; loaded: {', '.join(names) or '(none)'}, or none", file=sys.stderr)
                 return

@@ -214,13 +214,21 @@ class PackedLlamaBackend:
     FUSED_MAX_TOKENS = 16  # new tokens per row up to which the native fused loop runs
     SKINNY_MAX_ROWS = 16  # rows up to which the native LM head runs the skinny kernel (as in the C++ file)
 
-    def __init__(self, model, native: bool | None = None):
+    def __init__(self, model, native: bool | None = None, weights: str = "fp32"):
         """``native``: run the layer loop in the compiled C++ helper (prefill: the same ATen ops, bitwise-equal
         results; decode steps: fused loops around the four weight matmuls, equal within float rounding).
-        None = when available (fp32, bias-free layers without q/k norms, helper builds), False = Python."""
+        None = when available (fp32, bias-free layers without q/k norms, helper builds), False = Python.
+        ``weights``: the format the layer matmuls and the LM head compute with (:mod:`workbench.engine.weights`:
+        ``fp32``, ``bf16``, ``int8``); a copy, re-made whenever the model's weights change."""
+        from workbench.engine.weights import check_format
+
         why = self.unsupported(model)
         if why:
             raise ValueError(f"backend 'packed-llama' cannot run this model: {why}")
+        self.weights = check_format(weights)
+        if weights != "fp32" and next(model.parameters()).dtype != torch.float32:
+            raise ValueError(f"weights={weights!r} quantizes float32 models; this one is "
+                             f"{next(model.parameters()).dtype}")
         self.model = model
         self.spec = arch_of(model)
         self.native_request = native
@@ -319,6 +327,7 @@ class PackedLlamaBackend:
         head = m.get_output_embeddings()
         self.lm_head = head.weight.detach().contiguous()  # [vocab, d]: the model's own tensor when contiguous
         self.lm_bias = head.bias
+        self._quantize()
         rope = get_module(m, self.spec.rotary)
         self.inv_freq = rope.inv_freq.float().clone()
         self.attention_scaling = float(rope.attention_scaling)
@@ -326,8 +335,35 @@ class PackedLlamaBackend:
         self._native_args = tuple([getattr(ly, f) for ly in self.layers]
                                   for f in ("norm1", "wqkv", "wo", "norm2", "wgu", "wdown"))
         self._native_layer_args = [tuple([a[i]] for a in self._native_args) for i in range(len(self.layers))]
+        if self._q_args is not None:  # the skinny kernel's arguments: the stored low-precision matrices
+            n1, _, _, n2, _, _ = self._native_args
+            wqkv, wo, wgu, wdown = self._q_args
+            self._native_q = (n1, wqkv, wo, n2, wgu, wdown)
+            self._native_q_layer = [tuple([a[i]] for a in self._native_q) for i in range(len(self.layers))]
         self.native = self._native_module()
         self._fingerprint = self._current_fingerprint()
+
+    def _quantize(self) -> None:
+        """Low-precision copies of the layer matrices and the LM head (``weights`` != fp32): the stored forms for
+        the skinny kernel (``_q_args``, ``_q_scales``, ``lm_head_q``), the dequantized float32 copies in place of
+        the fp32 ones for everything else."""
+        self._q_args, self._q_scales, self.lm_head_q = None, [], None
+        if self.weights == "fp32":
+            return
+        from workbench.engine.weights import quantize
+
+        names = ("wqkv", "wo", "wgu", "wdown")
+        stored = {n: [] for n in names}
+        for ly in self.layers:
+            for n in names:
+                q = quantize(getattr(ly, n), self.weights)
+                setattr(ly, n, q.dequantized)
+                stored[n].append(q.stored)
+                if q.scale is not None:
+                    self._q_scales.append(q.scale)
+        self._q_args = tuple(stored[n] for n in names)
+        q = quantize(self.lm_head, self.weights)
+        self.lm_head, self.lm_head_q, self.lm_head_s = q.dequantized, q.stored, q.scale
 
     def _native_module(self):
         if self.native_request is False:
@@ -419,17 +455,22 @@ class PackedLlamaBackend:
         if self.native is not None and (iv is None or iv.kinds <= _NATIVE_KINDS) and (lora is None or fused):
             # a few new tokens per row (decode, verification): the fused loop; its attention is a plain loop,
             # so longer prefills take the ATen loop (bitwise the Python one) and its blocked SDPA
-            run = self.native.decode_layers if fused else self.native.layers_forward
-            extra = ()
-            if lora is not None:
-                run, extra = self.native.decode_layers_lora, lora.native
+            low = self._q_args is not None and fused and B * T <= self.SKINNY_MAX_ROWS  # the skinny kernel streams them
+            whole, per_layer = (self._native_q, self._native_q_layer) if low else \
+                (self._native_args, self._native_layer_args)
+            if lora is None and not low:
+                run, extra = (self.native.decode_layers if fused else self.native.layers_forward), ()
+            else:
+                run, extra = self.native.decode_layers_ex, (self._q_scales if low else [], *(
+                    lora.native if lora is not None else (None, [], [], [])))
             if iv is None or not (iv.offsets or iv.names):
-                h = run(h, *self._native_args, cache.k, cache.v, cos, sin, attn_mask, start, self.heads,
+                h = run(h, *whole, cache.k, cache.v, cos, sin, attn_mask, start, self.heads,
                         self.kv_heads, self.head_dim, self.eps, *extra)
             else:  # one layer per call, the residual offsets and hooks in between
-                for i, args in enumerate(self._native_layer_args):
-                    if lora is not None:
-                        extra = lora.native_layer(i)
+                for i, args in enumerate(per_layer):
+                    if extra:
+                        extra = (self._q_scales[4 * i: 4 * i + 4] if low and self._q_scales else [], *(
+                            lora.native_layer(i) if lora is not None else (None, [], [], [])))
                     h = iv.apply(f"blocks.{i}.hook_resid_pre", i, "hook_resid_pre", h)
                     h = run(h.contiguous(), *args, cache.k[i: i + 1], cache.v[i: i + 1], cos, sin, attn_mask, start,
                             self.heads, self.kv_heads, self.head_dim, self.eps, *extra)
@@ -489,7 +530,7 @@ class PackedLlamaBackend:
         if getattr(self, "_lora_key", None) != key:
             self._lora_tables = PackedLora.tables(rl.registry, self)
             self._lora_key = key
-        return PackedLora(self._lora_tables, rl.rows, self)
+        return PackedLora(self._lora_tables, rl.rows)
 
     def head(self, h: torch.Tensor, applied=None, last_only: bool = False) -> torch.Tensor:
         """Final norm (hook point ``ln_final.hook_normalized``, which sees every position, as in HF) and LM
@@ -504,7 +545,12 @@ class PackedLlamaBackend:
                 x = x[:, -1]
         if self.native is not None and self.lm_bias is None and x.numel() // x.shape[-1] <= self.SKINNY_MAX_ROWS:
             # a few rows (decode, verification): the C++ kernel reads the [vocab, d] head once for all rows
-            return self.native.skinny_linear(x.reshape(-1, x.shape[-1]).contiguous(), self.lm_head).view(*x.shape[:-1], -1)
+            rows = x.reshape(-1, x.shape[-1]).contiguous()
+            if self.lm_head_q is not None:
+                out = self.native.skinny_linear(rows, self.lm_head_q, self.lm_head_s)
+            else:
+                out = self.native.skinny_linear(rows, self.lm_head)
+            return out.view(*x.shape[:-1], -1)
         return F.linear(x, self.lm_head, self.lm_bias)
 
     def reorder(self, cache: KVCache, index: torch.Tensor) -> None:
@@ -534,14 +580,28 @@ class PackedLlamaBackend:
 BACKENDS = {"hf": HFBackend, "packed-llama": PackedLlamaBackend}
 
 
-def make_backend(model, name="auto"):
-    """Build backend ``name`` (exact name, or ``auto``) for ``model``; a backend instance is used as is."""
+def make_backend(model, name="auto", weights: str = "fp32"):
+    """Build backend ``name`` (exact name, or ``auto``) for ``model``; a backend instance is used as is.
+    ``weights`` other than fp32 are a packed-backend format: refused for a model or backend that cannot run it."""
     if not isinstance(name, str):
         if getattr(name, "model", None) is not model:
             raise ValueError("the backend instance was built for another model")
+        if getattr(name, "weights", "fp32") != weights:
+            raise ValueError(f"the backend instance computes with weights={getattr(name, 'weights', 'fp32')!r}, "
+                             f"not {weights!r}")
         return name
     if name == "auto":
-        return PackedLlamaBackend(model) if PackedLlamaBackend.unsupported(model) is None else HFBackend(model)
+        why = PackedLlamaBackend.unsupported(model)
+        if why is None:
+            return PackedLlamaBackend(model, weights=weights)
+        if weights != "fp32":
+            raise ValueError(f"weights={weights!r} needs the packed backend, which cannot run this model: {why}")
+        return HFBackend(model)
     if name not in BACKENDS:
         raise UnknownNameError("engine backend", name, [*BACKENDS, "auto"])
+    if name == "packed-llama":
+        return PackedLlamaBackend(model, weights=weights)
+    if weights != "fp32":
+        raise ValueError(f"weights={weights!r} is a packed-backend format; backend {name!r} computes with the "
+                         "model's own weights")
     return BACKENDS[name](model)

@@ -62,13 +62,15 @@ class Engine:
     Interventions (residual offsets, hooks, LoRA adapters per request) go through :meth:`intervene`; hooks
     installed around a call with ``workbench.interp.Hooks`` are honoured too (see
     :mod:`workbench.engine.interventions`). ``adapters``: the :class:`workbench.lora.AdapterRegistry` that adapter
-    names are looked up in.
+    names are looked up in. ``weights``: the packed backend's weight format (``fp32``, ``bf16``, ``int8``; see
+    :mod:`workbench.engine.weights`): a copy the decode matmuls stream, the model's parameters untouched; greedy
+    output equals HF's only in fp32.
     """
 
     SAMPLERS = ("auto", "torch", "triton")
 
     def __init__(self, model, tokenizer, *, threads: ThreadPolicy | None = DEFAULT_POLICY, backend: str = "auto",
-                 sampler: str = "auto", prefill_chunk: int = 2048, adapters=None):
+                 sampler: str = "auto", prefill_chunk: int = 2048, adapters=None, weights: str = "fp32"):
         if not hasattr(model, "config") or not callable(model):
             raise TypeError("Engine needs a Hugging Face causal LM (a module with .config)")
         self.model = model
@@ -78,7 +80,8 @@ class Engine:
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = 0 if pad is None else pad
-        self.backend = make_backend(model, backend)
+        self.weights = weights
+        self.backend = make_backend(model, backend, weights)
         self._auto_backend = isinstance(backend, str) and backend == "auto"
         self._backends = {self.backend.name: self.backend}  # auto: one instance per name (no re-pack per switch)
         if sampler not in self.SAMPLERS:
@@ -146,6 +149,12 @@ class Engine:
                 limit = packed.max_cache_len()
                 if packed.unsupported_interventions(applied) is not None or (limit is not None and length > limit):
                     want = "hf"
+            if want == "hf" and self.weights != "fp32":
+                why = (PackedLlamaBackend.unsupported(self.model)
+                       or self._backend_named("packed-llama").unsupported_interventions(applied)
+                       or f"{length} cache slots exceed the packed backend's limit")
+                raise ValueError(f"weights={self.weights!r} runs on the packed backend only, and this request needs "
+                                 f"the model's own forward: {why}")
             self.backend = self._backend_named(want)
             return self.backend
         why = self.backend.unsupported_interventions(applied)
@@ -156,7 +165,7 @@ class Engine:
 
     def _backend_named(self, name: str):
         if name not in self._backends:
-            self._backends[name] = make_backend(self.model, name)
+            self._backends[name] = make_backend(self.model, name, self.weights)
         return self._backends[name]
 
     # -- the step API -------------------------------------------------------------------------------
@@ -175,8 +184,13 @@ class Engine:
         n = len(prompts) if n_requests is None else n_requests
         iv = self.interventions if adapters is None else self.interventions.with_adapters(adapters)
         applied = Applied(self.model, iv, req, n, self.adapters)
-        backend = self._choose_backend(applied, max(len(p) for p in prompts) + extra)
-        return Session(self, backend, applied, prompts, extra, req)
+        try:
+            backend = self._choose_backend(applied, max(len(p) for p in prompts) + extra)
+            return Session(self, backend, applied, prompts, extra, req)
+        except BaseException:
+            if applied.lora is not None:  # not left pinned by a traceback that holds the Applied
+                applied.lora.release()
+            raise
 
     # -- inputs -------------------------------------------------------------------------------------
 

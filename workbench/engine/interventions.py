@@ -252,10 +252,16 @@ class RowAdapters:
         return [s for s in torch.unique(self.rows).tolist() if s >= 0]
 
     def modules(self) -> list[str]:
-        """Module paths some row's adapter adapts."""
-        used = self.used_slots()
-        return sorted(p for p, pool in self.registry.pools.items()
-                      if any(s < pool.ranks.shape[0] and int(pool.ranks[s]) for s in used))
+        """Module paths some row's adapter adapts (cached per row assignment and registry version)."""
+        key = (self.registry.version, tuple(self.rows.tolist()))
+        if getattr(self, "_modules_key", None) != key:
+            self._modules = self.registry.modules_of(self.used_slots())
+            self._modules_key = key
+        return self._modules
+
+    def release(self) -> None:
+        for lease in self.leases:
+            lease.release()
 
 
 def _adder(off: torch.Tensor):

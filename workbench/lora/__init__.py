@@ -8,6 +8,7 @@
 """
 
 from workbench.lora.adapter import AdapterError, LoraAdapter, LoraModule, load_adapter
-from workbench.lora.registry import AdapterRegistry, Lease
+from workbench.lora.registry import AdapterBusyError, AdapterRegistry, Lease
 
-__all__ = ["AdapterError", "AdapterRegistry", "Lease", "LoraAdapter", "LoraModule", "load_adapter"]
+__all__ = ["AdapterBusyError", "AdapterError", "AdapterRegistry", "Lease", "LoraAdapter", "LoraModule",
+           "load_adapter"]

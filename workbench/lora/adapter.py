@@ -5,7 +5,8 @@ module adds ``scaling * B @ A @ x`` to a linear layer's output (Hu et al. 2021, 
 ``B`` [out, r] and ``scaling = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA, Kalajdzievski 2023). ``r`` and
 ``alpha`` may differ per module through ``rank_pattern`` / ``alpha_pattern``. Dropout only acts in training and
 is ignored. Everything else PEFT can express that changes the computation (DoRA, trained biases, modules saved
-in full, embedding or LM-head adapters, ...) is refused with the reason, never dropped.
+in full, embedding adapters, ...) is refused with the reason, never dropped: a config field outside the known
+harmless ones must hold its default (None, False or empty), whatever future PEFT versions add.
 """
 
 from __future__ import annotations
@@ -40,6 +41,14 @@ _REFUSED = {
     "alora_invocation_tokens": (None, [], "activated LoRA (aLoRA) switches on after invocation tokens"),
     "use_qalora": (False, None, "QA-LoRA pools the input"),
     "use_bdlora": (False, None, "block-diagonal LoRA"),
+}
+# fields that do not change what a trained adapter computes at inference (bookkeeping, which modules and layers
+# were adapted, initialisation schemes, dropout), or that are read below (r, alpha, patterns, rsLoRA, bias)
+_HARMLESS = {
+    "alpha_pattern", "auto_mapping", "base_model_name_or_path", "bias", "corda_config", "eva_config",
+    "exclude_modules", "inference_mode", "init_lora_weights", "layers_pattern", "layers_to_transform", "loftq_config",
+    "lora_alpha", "lora_dropout", "lora_ga_config", "megatron_config", "megatron_core", "peft_type", "peft_version",
+    "qalora_group_size", "r", "rank_pattern", "revision", "target_modules", "task_type", "use_rslora",
 }
 _KEY_RE = re.compile(r"(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>A|B)(?:\.[^.]+)?\.weight")
 
@@ -91,9 +100,9 @@ class LoraAdapter:
 
 
 def _pattern_value(pattern: dict, module: str, default):
-    """PEFT's rule: a pattern key applies to a module whose path ends with it (at a dot boundary)."""
+    """PEFT's rule: a pattern key (a regex) applies to a module whose path ends with it (at a dot boundary)."""
     for key, value in pattern.items():
-        if re.fullmatch(rf"(.*\.)?{key}", module):
+        if re.fullmatch(rf"(.*\.)?(?:{key})", module):
             return value
     return default
 
@@ -125,6 +134,10 @@ def load_adapter(path: str | Path, name: str | None = None) -> LoraAdapter:
     for key, (*defaults, why) in _REFUSED.items():
         if key in cfg and cfg[key] not in defaults:
             raise AdapterError(f"adapter {name!r} is not supported: {why} ({key}={cfg[key]!r})")
+    for key, value in cfg.items():
+        if key not in _HARMLESS and key not in _REFUSED and value not in (None, False, [], {}, ""):
+            raise AdapterError(f"adapter {name!r} sets {key}={value!r}, which this loader does not know to be "
+                               "harmless at inference; refused rather than ignored")
     if cfg.get("bias", "none") != "none":
         raise AdapterError(f"adapter {name!r} trains biases (bias={cfg['bias']!r}); only bias='none' is supported")
     weights, files = _read_weights(folder)

@@ -1,9 +1,10 @@
 """LoRA terms for a batch whose rows use different adapters (or none), from the registry's stacked pools.
 
 For a row with slot ``s`` and a module's pool (``a`` [S, r, in], ``bt`` [S, r, out], scaling folded into ``bt``),
-the term added to the module's output is ``(x @ a[s].T) @ bt[s]``: a shrink to the rank, then an expand. Rows are
-grouped by slot (SGMV: one pair of matmuls per adapter in the batch); rows without an adapter cost nothing. On
-CUDA the Triton BGMV / SGMV kernels of :mod:`workbench.kernels.lora` do the same in two launches.
+the term added to the module's output is ``(x @ a[s].T) @ bt[s]``: a shrink to the rank, then an expand. On CPU
+rows are grouped by slot (SGMV-style: one pair of matmuls per adapter in the batch; rows without an adapter cost
+nothing); on CUDA the Triton BGMV kernels of :mod:`workbench.kernels.lora` do it in two launches. The packed
+backend's fused C++ decode loop has its own BGMV loop over the same pools (``decode_layers_ex``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ def add_lora(out: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, pool: Pool
     """``out += lora(x)`` row by row (in place; ``out`` may be a column slice). ``x``: [B, ..., in], ``out``:
     [B, ..., out_features], ``slots``: [B] (``-1``: no adapter). ``kernel``: on CUDA, ``"auto"`` / ``"triton"``
     run the BGMV kernels, ``"torch"`` the loop over the batch's adapters (the loop always runs on CPU)."""
+    if x.shape[0] != slots.numel() or out.shape[:-1] != x.shape[:-1]:
+        raise ValueError(f"LoRA terms: x {tuple(x.shape)}, out {tuple(out.shape)} and {slots.numel()} row slots "
+                         "do not line up")
     if x.is_cuda and kernel != "torch" and out.is_contiguous():
         from workbench.kernels import lora as kl
 
@@ -55,9 +59,9 @@ _EMPTY = torch.empty(0)
 
 class PackedLora:
     """A batch's LoRA terms in the packed backend's fused layout: ``adder(i)`` for its Python layer loop,
-    ``native`` / ``native_layer(i)`` for the C++ decode loop (``decode_layers_lora``)."""
+    ``native`` / ``native_layer(i)`` for the C++ decode loop (``decode_layers_ex``)."""
 
-    def __init__(self, tables, rows: torch.Tensor, backend):
+    def __init__(self, tables, rows: torch.Tensor):
         self.groups, self.lists = tables
         self.rows = rows.contiguous()
         self.native = (self.rows, *self.lists)

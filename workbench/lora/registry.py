@@ -28,6 +28,10 @@ from torch import nn
 from workbench.errors import UnknownNameError
 from workbench.lora.adapter import AdapterError, LoraAdapter, load_adapter
 
+
+class AdapterBusyError(AdapterError):
+    """Every resident slot is held by running batches: retry when one finishes (the server answers 429)."""
+
 log = logging.getLogger(__name__)
 
 
@@ -88,6 +92,7 @@ class AdapterRegistry:
         self._slots: list[str | None] = []  # slot -> resident adapter name
         self._lru: OrderedDict[str, int] = OrderedDict()  # resident name -> slot, least recently used first
         self._pins: dict[int, int] = {}
+        self._slot_modules: dict[int, frozenset[str]] = {}  # slot -> module paths its adapter adapts (host side)
         self.pools: dict[str, Pool] = {}
         self.r_max = 0
         self.version = 0  # bumped whenever the pools change (backends rebuild their tables)
@@ -141,6 +146,10 @@ class AdapterRegistry:
 
     def __contains__(self, name) -> bool:
         return name in self._entries
+
+    def modules_of(self, slots) -> list[str]:
+        """Module paths adapted by the adapters in ``slots`` (host-side bookkeeping: no tensor is read)."""
+        return sorted(set().union(*(self._slot_modules.get(s, frozenset()) for s in slots)))
 
     @property
     def nbytes(self) -> int:
@@ -199,7 +208,7 @@ class AdapterRegistry:
         while len(self._lru) >= self.max_resident or self._over_bytes(adapter):
             victim = next((n for n, s in self._lru.items() if not self._pins.get(s) and n not in keep), None)
             if victim is None:
-                raise AdapterError(
+                raise AdapterBusyError(
                     f"cannot load adapter {name!r}: every resident adapter is in use by running batches "
                     f"(max_resident={self.max_resident}, max_bytes={self.max_bytes})")
             self._evict(victim)
@@ -224,12 +233,16 @@ class AdapterRegistry:
         return shapes
 
     def _over_bytes(self, adapter: LoraAdapter) -> bool:
+        """Whether the pools would exceed ``max_bytes`` with ``adapter`` in the next free slot (a hole left by an
+        eviction, else a new last slot)."""
         if self.max_bytes is None:
             return False
-        need = self._slot_bytes(self._shapes(adapter), max(self.r_max, adapter.max_rank)) * (len(self._lru) + 1)
-        if not self._lru and need > self.max_bytes:
-            raise AdapterError(f"adapter {adapter.name!r} alone needs {need} pool bytes > max_bytes={self.max_bytes}")
-        return need > self.max_bytes
+        slots = len(self._slots) + (0 if None in self._slots else 1)
+        per_slot = self._slot_bytes(self._shapes(adapter), max(self.r_max, adapter.max_rank))
+        if not self._lru and per_slot > self.max_bytes:
+            raise AdapterError(f"adapter {adapter.name!r} alone needs {per_slot} pool bytes > "
+                               f"max_bytes={self.max_bytes}")
+        return per_slot * slots > self.max_bytes
 
     def _evict(self, name: str) -> None:
         slot = self._lru.pop(name)
@@ -237,13 +250,17 @@ class AdapterRegistry:
         if entry.source is not None:
             entry.adapter = None  # host memory goes too; the folder is read on the next use
         self._slots[slot] = None
+        self._slot_modules.pop(slot, None)
         while self._slots and self._slots[-1] is None:
             self._slots.pop()
-        for pool in self.pools.values():
+        S = len(self._slots)
+        for path, pool in list(self.pools.items()):
             if slot < pool.ranks.shape[0]:
                 pool.a[slot].zero_()
                 pool.bt[slot].zero_()
                 pool.ranks[slot] = 0
+            if pool.a.shape[0] > S:  # trailing slots went: the pools shrink with them
+                self.pools[path] = Pool(pool.a[:S].clone(), pool.bt[:S].clone(), pool.ranks[:S].clone())
         self.version += 1
         log.info("adapter %r evicted from slot %d", name, slot)
 
@@ -257,7 +274,7 @@ class AdapterRegistry:
         pools = {}
         for path, (i, o) in shapes.items():
             old = self.pools.get(path)
-            if old is not None and old.a.shape[0] >= S and old.a.shape[1] == r_max:
+            if old is not None and old.a.shape[0] == S and old.a.shape[1] == r_max:
                 pools[path] = old
                 continue
             dt = self._dtype
@@ -280,5 +297,6 @@ class AdapterRegistry:
                     p.a[slot, :r] = m.a.to(dev)
                     p.bt[slot, :r] = (m.b.to(dev) * m.scaling).t()  # scaled in float32, then the pool's dtype
                     p.ranks[slot] = r
+            self._slot_modules[slot] = frozenset(adapter.modules)
         self.pools, self.r_max = pools, r_max
         self.version += 1

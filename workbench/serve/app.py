@@ -387,6 +387,10 @@ class Run:
                     return
                 continue
             if isinstance(ev, BaseException):
+                from workbench.lora import AdapterBusyError
+
+                if isinstance(ev, AdapterBusyError):
+                    raise APIError(429, f"{ev}; retry later", code="rate_limit_exceeded")
                 if isinstance(ev, ValueError):
                     raise bad(str(ev))
                 log.error("generation failed: %s", ev)

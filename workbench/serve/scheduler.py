@@ -104,6 +104,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self.rows: list[_Row] = []
         self._session = None
+        self._parked = None  # (prefilled session, rows) waiting for the batch to drain (another backend)
         self._seen = self._counts = None
 
     # -- API (any thread) ---------------------------------------------------------------------------
@@ -178,7 +179,8 @@ class Scheduler:
                 for job in {id(r.job): r.job for r in self.rows}.values():
                     job.emit(e)
                 self.rows, self._session = [], None
-        for job in {id(r.job): r.job for r in self.rows}.values():
+        parked = self._parked[1] if self._parked is not None else []
+        for job in {id(r.job): r.job for r in [*self.rows, *parked]}.values():
             job.emit(RuntimeError("the server is shutting down"))
 
     def _run_tasks(self) -> None:
@@ -186,7 +188,9 @@ class Scheduler:
             self._tasks.get()()
 
     def _take(self) -> list[Job]:
-        """Waiting jobs that fit in the batch (first come, first served)."""
+        """Waiting jobs that fit in the batch (first come, first served; none while rows are parked)."""
+        if self._parked is not None:
+            return []
         out, free = [], self.max_batch - sum(1 for r in self.rows if not r.done)
         with self._cv:
             while self._waiting and self._waiting[0].n <= free:
@@ -220,6 +224,9 @@ class Scheduler:
             self._admit(keep, joining)
         elif not keep:
             self.rows, self._session = [], None
+            if self._parked is not None:  # the batch drained: the parked rows start
+                (session, rows), self._parked = self._parked, None
+                self._install(session, rows)  # cancelled ones count as done and leave at the next step
         if self.on_step is not None:
             self.on_step(len(self.rows))
 
@@ -303,15 +310,33 @@ class Scheduler:
             joining = self.engine.start([r.job.prompt_ids for r in new_rows], 0 if keep else extra,
                                         adapters=adapters if any(adapters) else None)
         except Exception as e:  # e.g. every adapter slot held by running rows: these jobs fail, the batch goes on
-            for job in {id(r.job): r.job for r in new_rows}.values():
-                job.emit(e)
+            self._fail(new_rows, e)
             self._keep_only(keep)
             return
         if not keep:
-            self.rows, self._session = new_rows, joining
-            self._seen, self._counts = self._fresh_state(new_rows)
+            self._install(joining, new_rows)
             return
-        self._regroup(keep, joining, new_rows)
+        if joining.backend is not self._session.backend:
+            # e.g. an adapter on the LM head runs on the model's own forward: its rows cannot share this cache, so
+            # they wait, prefilled, until the batch drains (no job is admitted before them)
+            joining.regroup(list(range(joining.B)), None, extra)  # room to decode alone (prefilled for joining)
+            self._parked = (joining, new_rows)
+            self._keep_only(keep)
+            return
+        try:
+            self._regroup(keep, joining, new_rows)
+        except ValueError as e:  # checked before anything moves: the running rows go on
+            self._fail(new_rows, e)
+            self._keep_only(keep)
+
+    def _install(self, session, rows: list[_Row]) -> None:
+        self.rows, self._session = rows, session
+        self._seen, self._counts = self._fresh_state(rows)
+
+    @staticmethod
+    def _fail(rows: list[_Row], error: BaseException) -> None:
+        for job in {id(r.job): r.job for r in rows}.values():
+            job.emit(error)
 
     def _keep_only(self, keep: list[int]) -> None:
         """The batch shrinks to rows ``keep`` (or ends)."""

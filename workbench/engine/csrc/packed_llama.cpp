@@ -8,14 +8,17 @@
 //   the KV-cache write, attention over the cached keys and SiLU*up are plain loops. Same math, other
 //   summation order: equal to the Python loop within float rounding (tested), not bitwise.
 // skinny_linear: x @ w.T for a few rows of x, exposed for the LM head.
-// decode_layers_lora: decode_layers plus per-row LoRA terms on q/k/v/o/gate/up/down, gathered from stacked
-//   adapter pools (BGMV: each row reads its own adapter's A and B, Chen et al. 2023, "Punica").
+// decode_layers_ex: decode_layers with bfloat16 or int8 (row-scaled) weights and/or per-row LoRA terms on
+//   q/k/v/o/gate/up/down, gathered from stacked adapter pools (BGMV: each row reads its own adapter's A and B,
+//   Chen et al. 2023, "Punica").
 //
 // Weights are in nn.Linear's layout, [out_features, in_features], contiguous.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <cstring>
+#include <type_traits>
 #include <limits>
 #include <vector>
 
@@ -83,7 +86,37 @@ static inline float dot(const float* a, const float* b, int64_t n) {
 // the weight rows (contiguous) and keeps the M input rows in L1. GCC vector extensions: AVX2 / AVX-512 / NEON.
 typedef float v8 __attribute__((vector_size(32)));
 typedef float v8u __attribute__((vector_size(32), aligned(4), may_alias));  // unaligned loads and stores
+typedef uint16_t v8h __attribute__((vector_size(16), aligned(2), may_alias));
+typedef uint32_t v8i __attribute__((vector_size(32)));
+typedef int8_t v8b __attribute__((vector_size(8), aligned(1), may_alias));
 constexpr int64_t SKINNY_MAX_ROWS = 16;
+
+// Weight formats streamed by the skinny kernel, each widened to float32 in registers (fp32 accumulation):
+// float32; bfloat16 (the top half of a float32: shift left by 16); int8 with one float32 scale per output row
+// (applied once to each finished dot product).
+struct F32 {
+  using T = float;
+  static inline v8 load(const float* p) { return *(const v8u*)p; }
+  static inline float one(const float* p) { return *p; }
+};
+struct BF16 {
+  using T = uint16_t;
+  static inline v8 load(const uint16_t* p) {
+    const v8i i = __builtin_convertvector(*(const v8h*)p, v8i) << 16;
+    return (v8)i;
+  }
+  static inline float one(const uint16_t* p) {
+    const uint32_t bits = static_cast<uint32_t>(*p) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+  }
+};
+struct I8 {
+  using T = int8_t;
+  static inline v8 load(const int8_t* p) { return __builtin_convertvector(*(const v8b*)p, v8); }
+  static inline float one(const int8_t* p) { return static_cast<float>(*p); }
+};
 
 static inline float hsum(v8 v) {
   float s = 0.f;
@@ -91,21 +124,23 @@ static inline float hsum(v8 v) {
   return s;
 }
 
-static inline float tail_dot(const float* a, const float* b, int64_t k0, int64_t K) {
+template <class W>
+static inline float tail_dot(const float* a, const typename W::T* b, int64_t k0, int64_t K) {
   float s = 0.f;
-  for (int64_t k = k0; k < K; ++k) s += a[k] * b[k];
+  for (int64_t k = k0; k < K; ++k) s += a[k] * W::one(b + k);
   return s;
 }
 
-// MR rows of x against weight rows w0 and w1 (w1 may equal w0 for an odd last row; then only o[0] is written)
-template <int MR>
-static inline void dot_rows(const float* x, int64_t K, const float* w0, const float* w1, float* o, int64_t ldo,
-                            bool two, bool acc) {
+// MR rows of x against weight rows w0 and w1 (w1 may equal w0 for an odd last row; then only o[0] is written);
+// sc0 / sc1: the rows' scales (1 for unscaled formats)
+template <int MR, class W>
+static inline void dot_rows(const float* x, int64_t K, const typename W::T* w0, const typename W::T* w1, float* o,
+                            int64_t ldo, bool two, bool acc, float sc0, float sc1) {
   v8 a[MR], b[MR];
   for (int m = 0; m < MR; ++m) a[m] = b[m] = v8{};
   const int64_t K8 = K - K % 8;
   for (int64_t k = 0; k < K8; k += 8) {
-    const v8 p = *(const v8u*)(w0 + k), q = *(const v8u*)(w1 + k);
+    const v8 p = W::load(w0 + k), q = W::load(w1 + k);
 #pragma GCC unroll 8
     for (int m = 0; m < MR; ++m) {
       const v8 xv = *(const v8u*)(x + m * K + k);
@@ -115,7 +150,8 @@ static inline void dot_rows(const float* x, int64_t K, const float* w0, const fl
   }
   for (int m = 0; m < MR; ++m) {
     const float* xm = x + m * K;
-    const float s0 = hsum(a[m]) + tail_dot(xm, w0, K8, K), s1 = hsum(b[m]) + tail_dot(xm, w1, K8, K);
+    const float s0 = (hsum(a[m]) + tail_dot<W>(xm, w0, K8, K)) * sc0;
+    const float s1 = (hsum(b[m]) + tail_dot<W>(xm, w1, K8, K)) * sc1;
     float* om = o + m * ldo;
     om[0] = acc ? om[0] + s0 : s0;
     if (two) om[1] = acc ? om[1] + s1 : s1;
@@ -123,32 +159,48 @@ static inline void dot_rows(const float* x, int64_t K, const float* w0, const fl
 }
 
 // one row of x against four weight rows: four independent streams (the M = 1 decode step)
-static inline void dot_one_row4(const float* x, int64_t K, const float* w, float* o, bool acc) {
+template <class W>
+static inline void dot_one_row4(const float* x, int64_t K, const typename W::T* w, float* o, bool acc,
+                                const float* sc) {
   v8 a0 = v8{}, a1 = v8{}, a2 = v8{}, a3 = v8{};
-  const float *w1 = w + K, *w2 = w + 2 * K, *w3 = w + 3 * K;
+  const typename W::T *w1 = w + K, *w2 = w + 2 * K, *w3 = w + 3 * K;
   const int64_t K8 = K - K % 8;
   for (int64_t k = 0; k < K8; k += 8) {
     const v8 xv = *(const v8u*)(x + k);
-    a0 += xv * *(const v8u*)(w + k);
-    a1 += xv * *(const v8u*)(w1 + k);
-    a2 += xv * *(const v8u*)(w2 + k);
-    a3 += xv * *(const v8u*)(w3 + k);
+    a0 += xv * W::load(w + k);
+    a1 += xv * W::load(w1 + k);
+    a2 += xv * W::load(w2 + k);
+    a3 += xv * W::load(w3 + k);
   }
-  const float s[4] = {hsum(a0) + tail_dot(x, w, K8, K), hsum(a1) + tail_dot(x, w1, K8, K),
-                      hsum(a2) + tail_dot(x, w2, K8, K), hsum(a3) + tail_dot(x, w3, K8, K)};
-  for (int j = 0; j < 4; ++j) o[j] = acc ? o[j] + s[j] : s[j];
+  const float s[4] = {hsum(a0) + tail_dot<W>(x, w, K8, K), hsum(a1) + tail_dot<W>(x, w1, K8, K),
+                      hsum(a2) + tail_dot<W>(x, w2, K8, K), hsum(a3) + tail_dot<W>(x, w3, K8, K)};
+  for (int j = 0; j < 4; ++j) {
+    const float v = sc ? s[j] * sc[j] : s[j];
+    o[j] = acc ? o[j] + v : v;
+  }
 }
 
-// x [M, K], w [N, K], out [M, N] (row stride ldo), all float32 row-major; weight rows split over threads
-static void skinny(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* out, int64_t ldo, bool acc) {
+// x [M, K], w [N, K], out [M, N] (row stride ldo), all row-major; weight rows split over threads; scale: [N]
+// per-row scales or nullptr
+template <class W>
+static void skinny(const float* x, int64_t M, int64_t K, const typename W::T* w, int64_t N, float* out, int64_t ldo,
+                   bool acc, const float* scale) {
   if (M == 1) {
     at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t lo, int64_t hi) {
       for (int64_t t = lo; t < hi; ++t) {
         const int64_t n = 4 * t;
         if (n + 4 <= N) {
-          dot_one_row4(x, K, w + n * K, out + n, acc);
+          dot_one_row4<W>(x, K, w + n * K, out + n, acc, scale ? scale + n : nullptr);
         } else {
-          for (int64_t j = n; j < N; ++j) out[j] = (acc ? out[j] : 0.f) + dot(x, w + j * K, K);
+          for (int64_t j = n; j < N; ++j) {
+            float v;
+            if constexpr (std::is_same<W, F32>::value) {
+              v = dot(x, w + j * K, K);
+            } else {
+              v = tail_dot<W>(x, w + j * K, 0, K) * (scale ? scale[j] : 1.f);
+            }
+            out[j] = (acc ? out[j] : 0.f) + v;
+          }
         }
       }
     });
@@ -158,43 +210,68 @@ static void skinny(const float* x, int64_t M, int64_t K, const float* w, int64_t
     for (int64_t t = lo; t < hi; ++t) {
       const int64_t n = 2 * t;
       const bool two = n + 1 < N;
-      const float *w0 = w + n * K, *w1 = two ? w0 + K : w0;
+      const typename W::T *w0 = w + n * K, *w1 = two ? w0 + K : w0;
+      const float sc0 = scale ? scale[n] : 1.f, sc1 = scale && two ? scale[n + 1] : sc0;
       for (int64_t m0 = 0; m0 < M; m0 += 6) {  // 6 rows x 2 weight rows: 12 accumulators + 2 weight vectors
         const float* xs = x + m0 * K;
         float* os = out + m0 * ldo + n;
         switch (std::min<int64_t>(6, M - m0)) {
-          case 6: dot_rows<6>(xs, K, w0, w1, os, ldo, two, acc); break;
-          case 5: dot_rows<5>(xs, K, w0, w1, os, ldo, two, acc); break;
-          case 4: dot_rows<4>(xs, K, w0, w1, os, ldo, two, acc); break;
-          case 3: dot_rows<3>(xs, K, w0, w1, os, ldo, two, acc); break;
-          case 2: dot_rows<2>(xs, K, w0, w1, os, ldo, two, acc); break;
-          default: dot_rows<1>(xs, K, w0, w1, os, ldo, two, acc);
+          case 6: dot_rows<6, W>(xs, K, w0, w1, os, ldo, two, acc, sc0, sc1); break;
+          case 5: dot_rows<5, W>(xs, K, w0, w1, os, ldo, two, acc, sc0, sc1); break;
+          case 4: dot_rows<4, W>(xs, K, w0, w1, os, ldo, two, acc, sc0, sc1); break;
+          case 3: dot_rows<3, W>(xs, K, w0, w1, os, ldo, two, acc, sc0, sc1); break;
+          case 2: dot_rows<2, W>(xs, K, w0, w1, os, ldo, two, acc, sc0, sc1); break;
+          default: dot_rows<1, W>(xs, K, w0, w1, os, ldo, two, acc, sc0, sc1);
         }
       }
     }
   });
 }
 
-// out (+)= x @ w.T: the skinny kernel for up to SKINNY_MAX_ROWS rows, ATen beyond
-static void linear_into(const Tensor& x, const Tensor& w, Tensor& out, bool acc) {
-  const int64_t M = x.size(0);
-  if (M <= SKINNY_MAX_ROWS) {
-    skinny(x.data_ptr<float>(), M, x.size(1), w.data_ptr<float>(), w.size(0), out.data_ptr<float>(), out.size(1), acc);
-  } else if (acc) {
-    out.addmm_(x, w.t());
-  } else {
-    at::mm_out(out, x, w.t());
+// out (+)= x @ w.T (times the row scales of an int8 w): the skinny kernel for up to SKINNY_MAX_ROWS rows in any
+// format, ATen beyond (float32 weights only)
+static void linear_into(const Tensor& x, const Tensor& w, Tensor& out, bool acc, const Tensor* scale = nullptr) {
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0), ldo = out.size(1);
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const bool scaled = scale != nullptr && scale->numel() > 0;
+  const float* sp = scaled ? scale->data_ptr<float>() : nullptr;
+  switch (w.scalar_type()) {
+    case at::kFloat:
+      if (M <= SKINNY_MAX_ROWS) {
+        skinny<F32>(xp, M, K, w.data_ptr<float>(), N, op, ldo, acc, nullptr);
+      } else if (acc) {
+        out.addmm_(x, w.t());
+      } else {
+        at::mm_out(out, x, w.t());
+      }
+      return;
+    case at::kBFloat16:
+      TORCH_CHECK(M <= SKINNY_MAX_ROWS, "bfloat16 weights take at most ", SKINNY_MAX_ROWS, " rows");
+      skinny<BF16>(xp, M, K, reinterpret_cast<const uint16_t*>(w.data_ptr()), N, op, ldo, acc, nullptr);
+      return;
+    case at::kChar:
+      TORCH_CHECK(M <= SKINNY_MAX_ROWS, "int8 weights take at most ", SKINNY_MAX_ROWS, " rows");
+      TORCH_CHECK(scaled && scale->numel() == N && scale->scalar_type() == at::kFloat,
+                  "int8 weights need one float32 scale per output row");
+      skinny<I8>(xp, M, K, w.data_ptr<int8_t>(), N, op, ldo, acc, sp);
+      return;
+    default:
+      TORCH_CHECK(false, "weights must be float32, bfloat16 or int8, got ", w.scalar_type());
   }
 }
 
-Tensor skinny_linear(const Tensor& x, const Tensor& w) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat,
-              "skinny_linear: x [M, K] and w [N, K] must be float32 matrices");
+Tensor skinny_linear(const Tensor& x, const Tensor& w, const c10::optional<Tensor>& scale) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.scalar_type() == at::kFloat,
+              "skinny_linear: x [M, K] (float32) and w [N, K] must be matrices");
   TORCH_CHECK(x.size(1) == w.size(1), "skinny_linear: x has ", x.size(1), " columns, w has ", w.size(1));
   TORCH_CHECK(w.is_contiguous(), "skinny_linear: w must be contiguous");
+  TORCH_CHECK(w.scalar_type() == at::kFloat || x.size(0) <= SKINNY_MAX_ROWS,
+              "skinny_linear: low-precision weights take at most ", SKINNY_MAX_ROWS, " rows");
   const Tensor xc = x.contiguous();
   Tensor out = at::empty({x.size(0), w.size(0)}, x.options());
-  linear_into(xc, w, out, false);
+  Tensor sc = scale.has_value() ? scale->contiguous() : Tensor();
+  linear_into(xc, w, out, false, scale.has_value() ? &sc : nullptr);
   return out;
 }
 
@@ -222,16 +299,22 @@ struct Lora {
 
 static void check_lora(const Lora& L, size_t layers, int64_t B) {
   TORCH_CHECK(L.a->size() == layers * LORA_KINDS && L.bt->size() == L.a->size() && L.rank->size() == L.a->size(),
-              "decode_layers_lora: one a / bt / rank entry per layer and kind (", layers * LORA_KINDS, ")");
+              "decode_layers_ex: one a / bt / rank entry per layer and kind (", layers * LORA_KINDS, ")");
   for (size_t e = 0; e < L.a->size(); ++e) {
     const Tensor &a = (*L.a)[e], &bt = (*L.bt)[e], &rk = (*L.rank)[e];
     if (a.numel() == 0) continue;
     TORCH_CHECK(a.dim() == 3 && bt.dim() == 3 && a.size(0) == bt.size(0) && a.size(1) == bt.size(1) &&
                     a.is_contiguous() && bt.is_contiguous() && a.scalar_type() == at::kFloat &&
                     bt.scalar_type() == at::kFloat && rk.scalar_type() == at::kInt && rk.numel() == a.size(0),
-                "decode_layers_lora: pool ", e, " must be float32 a [S, r, K], bt [S, r, N] and int32 rank [S]");
+                "decode_layers_ex: pool ", e, " must be float32 a [S, r, K], bt [S, r, N] and int32 rank [S]");
+    TORCH_CHECK(a.is_cpu() && bt.is_cpu() && rk.is_cpu() && rk.is_contiguous(),
+                "decode_layers_ex: pool ", e, " must be contiguous CPU tensors");
+    const int32_t* r = rk.data_ptr<int32_t>();
+    for (int64_t s = 0; s < rk.numel(); ++s)
+      TORCH_CHECK(r[s] >= 0 && r[s] <= a.size(1), "decode_layers_ex: pool ", e, " slot ", s, " has rank ", r[s],
+                  " outside [0, ", a.size(1), "]");
     for (int64_t b = 0; b < B; ++b)
-      TORCH_CHECK(L.idx[b] < a.size(0), "decode_layers_lora: slot ", L.idx[b], " outside pool ", e);
+      TORCH_CHECK(L.idx[b] < a.size(0), "decode_layers_ex: slot ", L.idx[b], " outside pool ", e);
   }
 }
 
@@ -241,7 +324,7 @@ static void lora_add(const Lora* L, size_t layer, int kind, const float* x, int6
   const size_t e = layer * LORA_KINDS + kind;
   const Tensor &A = (*L->a)[e], &Bt = (*L->bt)[e];
   if (A.numel() == 0) return;
-  TORCH_CHECK(A.size(2) == K && col0 + Bt.size(2) <= ldo, "decode_layers_lora: pool ", e, " has the wrong shape");
+  TORCH_CHECK(A.size(2) == K && col0 + Bt.size(2) <= ldo, "decode_layers_ex: pool ", e, " has the wrong shape");
   const int64_t rmax = A.size(1), N = Bt.size(2);
   const float *ap = A.data_ptr<float>(), *bp = Bt.data_ptr<float>();
   const int32_t* rk = (*L->rank)[e].data_ptr<int32_t>();
@@ -267,7 +350,8 @@ static Tensor decode_impl(const Tensor& h_in, const std::vector<Tensor>& norm1, 
                           const std::vector<Tensor>& wo, const std::vector<Tensor>& norm2,
                           const std::vector<Tensor>& wgu, const std::vector<Tensor>& wdown, const Tensor& cache_k,
                           const Tensor& cache_v, const Tensor& cos_in, const Tensor& sin_in, const Tensor& mask_in,
-                          int64_t start, int64_t H, int64_t KV, int64_t D, double eps_d, const Lora* lora) {
+                          int64_t start, int64_t H, int64_t KV, int64_t D, double eps_d, const Lora* lora,
+                          const std::vector<Tensor>* scales) {
   TORCH_CHECK(h_in.dim() == 3 && h_in.scalar_type() == at::kFloat,
               "decode_layers: h must be a float32 [B, T, d] tensor");
   check_lists(norm1, wqkv, wo, norm2, wgu, wdown, cache_k, cache_v);
@@ -289,6 +373,13 @@ static Tensor decode_impl(const Tensor& h_in, const std::vector<Tensor>& norm1, 
                     wdown[i].is_contiguous() && wo[i].size(0) == d && wdown[i].size(0) == d &&
                     wgu[i].size(1) == d && wdown[i].size(1) * 2 == wgu[i].size(0),
                 "decode_layers: layer ", i, " has unexpected or non-contiguous weights");
+  const bool low = wqkv[0].scalar_type() != at::kFloat;
+  TORCH_CHECK(!low || R <= SKINNY_MAX_ROWS, "decode_layers: low-precision weights take at most ", SKINNY_MAX_ROWS,
+              " rows in all (B * T)");
+  TORCH_CHECK(scales == nullptr || scales->empty() || scales->size() == 4 * norm1.size(),
+              "decode_layers: one scale entry per layer and matrix (qkv, o, gate/up, down), or none");
+  const bool scaled = scales != nullptr && !scales->empty();
+  auto sc = [&](size_t i, int j) -> const Tensor* { return scaled ? &(*scales)[4 * i + j] : nullptr; };
   const float eps = static_cast<float>(eps_d), scale = 1.f / std::sqrt(static_cast<float>(D));
   const Tensor cos = cos_in.reshape({R, D}).contiguous(), sin = sin_in.reshape({R, D}).contiguous();
   // mask[b, t, key]: a key mask shared by the row's queries is expanded
@@ -312,7 +403,7 @@ static Tensor decode_impl(const Tensor& h_in, const std::vector<Tensor>& norm1, 
     float* ck = cache_k.data_ptr<float>() + i * layer_stride;
     float* cv = cache_v.data_ptr<float>() + i * layer_stride;
     rms_rows(hp, norm1[i].data_ptr<float>(), xp, R, d, eps);
-    linear_into(xn, wqkv[i], qkv, false);
+    linear_into(xn, wqkv[i], qkv, false, sc(i, 0));
     lora_add(lora, i, 0, xp, d, R, qkvp, row, 0);
     lora_add(lora, i, 1, xp, d, R, qkvp, row, H * D);
     lora_add(lora, i, 2, xp, d, R, qkvp, row, (H + KV) * D);
@@ -363,10 +454,10 @@ static Tensor decode_impl(const Tensor& h_in, const std::vector<Tensor>& norm1, 
         }
       }
     });
-    linear_into(att, wo[i], h, true);  // h += attn @ Wo.T
+    linear_into(att, wo[i], h, true, sc(i, 1));  // h += attn @ Wo.T
     lora_add(lora, i, 3, attp, H * D, R, hp, d, 0);
     rms_rows(hp, norm2[i].data_ptr<float>(), xp, R, d, eps);
-    linear_into(xn, wgu[i], gu, false);
+    linear_into(xn, wgu[i], gu, false, sc(i, 2));
     lora_add(lora, i, 4, xp, d, R, gup, 2 * I, 0);
     lora_add(lora, i, 5, xp, d, R, gup, 2 * I, I);
     for (int64_t r = 0; r < R; ++r) {
@@ -374,7 +465,7 @@ static Tensor decode_impl(const Tensor& h_in, const std::vector<Tensor>& norm1, 
       float* a = actp + r * I;
       for (int64_t e = 0; e < I; ++e) a[e] = g[e] / (1.f + std::exp(-g[e])) * u[e];
     }
-    linear_into(act, wdown[i], h, true);  // h += silu(gate) * up @ Wdown.T
+    linear_into(act, wdown[i], h, true, sc(i, 3));  // h += silu(gate) * up @ Wdown.T
     lora_add(lora, i, 6, actp, I, R, hp, d, 0);
   }
   return h.view({B, T, d});
@@ -386,28 +477,37 @@ Tensor decode_layers(const Tensor& h_in, const std::vector<Tensor>& norm1, const
                      const Tensor& cache_v, const Tensor& cos_in, const Tensor& sin_in, const Tensor& mask_in,
                      int64_t start, int64_t H, int64_t KV, int64_t D, double eps) {
   return decode_impl(h_in, norm1, wqkv, wo, norm2, wgu, wdown, cache_k, cache_v, cos_in, sin_in, mask_in, start, H,
-                     KV, D, eps, nullptr);
+                     KV, D, eps, nullptr, nullptr);
 }
 
-Tensor decode_layers_lora(const Tensor& h_in, const std::vector<Tensor>& norm1, const std::vector<Tensor>& wqkv,
-                          const std::vector<Tensor>& wo, const std::vector<Tensor>& norm2,
-                          const std::vector<Tensor>& wgu, const std::vector<Tensor>& wdown, const Tensor& cache_k,
-                          const Tensor& cache_v, const Tensor& cos_in, const Tensor& sin_in, const Tensor& mask_in,
-                          int64_t start, int64_t H, int64_t KV, int64_t D, double eps, const Tensor& lora_idx,
-                          const std::vector<Tensor>& lora_a, const std::vector<Tensor>& lora_bt,
-                          const std::vector<Tensor>& lora_rank) {
-  TORCH_CHECK(h_in.dim() == 3, "decode_layers_lora: h must be [B, T, d]");
-  TORCH_CHECK(lora_idx.scalar_type() == at::kLong && lora_idx.is_contiguous() && lora_idx.numel() == h_in.size(0),
-              "decode_layers_lora: lora_idx must be a contiguous int64 tensor with one slot per batch row");
-  const Lora lora{lora_idx.data_ptr<int64_t>(), h_in.size(1), &lora_a, &lora_bt, &lora_rank};
+// decode_layers with weights in any skinny format (scales: int8 row scales, 4 per layer, or empty) and per-row
+// LoRA terms (lora_idx undefined or empty lists: none)
+Tensor decode_layers_ex(const Tensor& h_in, const std::vector<Tensor>& norm1, const std::vector<Tensor>& wqkv,
+                        const std::vector<Tensor>& wo, const std::vector<Tensor>& norm2,
+                        const std::vector<Tensor>& wgu, const std::vector<Tensor>& wdown, const Tensor& cache_k,
+                        const Tensor& cache_v, const Tensor& cos_in, const Tensor& sin_in, const Tensor& mask_in,
+                        int64_t start, int64_t H, int64_t KV, int64_t D, double eps,
+                        const std::vector<Tensor>& scales, const c10::optional<Tensor>& lora_idx,
+                        const std::vector<Tensor>& lora_a, const std::vector<Tensor>& lora_bt,
+                        const std::vector<Tensor>& lora_rank) {
+  TORCH_CHECK(h_in.dim() == 3, "decode_layers_ex: h must be [B, T, d]");
+  if (!lora_idx.has_value() || lora_a.empty())
+    return decode_impl(h_in, norm1, wqkv, wo, norm2, wgu, wdown, cache_k, cache_v, cos_in, sin_in, mask_in, start,
+                       H, KV, D, eps, nullptr, &scales);
+  const Tensor& idx = *lora_idx;
+  TORCH_CHECK(idx.scalar_type() == at::kLong && idx.is_contiguous() && idx.numel() == h_in.size(0),
+              "decode_layers_ex: lora_idx must be a contiguous int64 tensor with one slot per batch row");
+  const Lora lora{idx.data_ptr<int64_t>(), h_in.size(1), &lora_a, &lora_bt, &lora_rank};
   check_lora(lora, norm1.size(), h_in.size(0));
   return decode_impl(h_in, norm1, wqkv, wo, norm2, wgu, wdown, cache_k, cache_v, cos_in, sin_in, mask_in, start, H,
-                     KV, D, eps, &lora);
+                     KV, D, eps, &lora, &scales);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("layers_forward", &layers_forward, "packed Llama decoder layers (ATen ops, bitwise equal to Python)");
   m.def("decode_layers", &decode_layers, "packed Llama decoder layers for a few new tokens per row (fused loops)");
-  m.def("decode_layers_lora", &decode_layers_lora, "decode_layers plus per-row LoRA terms from adapter pools");
-  m.def("skinny_linear", &skinny_linear, "x @ w.T for a few rows of x, each weight row read once");
+  m.def("decode_layers_ex", &decode_layers_ex,
+        "decode_layers with bfloat16 / int8 weights and per-row LoRA terms from adapter pools");
+  m.def("skinny_linear", &skinny_linear, "x @ w.T for a few rows of x, each weight row read once",
+        py::arg("x"), py::arg("w"), py::arg("scale") = py::none());
 }
