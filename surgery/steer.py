@@ -88,6 +88,9 @@ def _adder(offset: torch.Tensor):
     cache: dict[tuple, torch.Tensor] = {}
 
     def add(act, _hook):
+        if offset.dim() == 2 and act.shape[0] != offset.shape[0]:
+            raise ValueError(f"{offset.shape[0]} per-request vectors for a batch of {act.shape[0]} rows: give one "
+                             "(vector, strength) or None per row")
         key = (act.device, act.dtype, act.dim())
         if key not in cache:
             off = offset.to(device=act.device, dtype=act.dtype)
