@@ -507,3 +507,46 @@ def test_smollm2_answers_and_scores(smollm2):
     assert gens[0].features["tbg"].shape == (30, 576)
     assert (make_detector("token-logprob").score(gens) < 1.0).all()
     assert (p_true(eng, ["What is the capital of France?"], ["Paris"]) > 0).all()
+
+
+# -- known answers on toy models -----------------------------------------------------------------------------
+
+
+def test_uniform_model_has_maximal_entropy():
+    """A model whose LM head is zero puts equal mass on every token: each step's entropy is log(V) and each
+    token's log-probability -log(V)."""
+    from workbench.models.tiny import build_tiny
+
+    model, tok = build_tiny("llama")
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        if head.weight is model.get_input_embeddings().weight:  # tied: untie, so only the head goes flat
+            head.weight = torch.nn.Parameter(head.weight.detach().clone())
+        head.weight.zero_()
+    V = head.weight.shape[0]
+    eng = Engine(model, tok, threads=ThreadPolicy(1, 1))
+    gens = generate_answers(eng, QUESTIONS[:2], CFG)
+    for g in gens:
+        np.testing.assert_allclose(g.token_entropies, np.log(V), rtol=1e-5)
+        np.testing.assert_allclose(g.token_logprobs, -np.log(V), rtol=1e-5)
+    np.testing.assert_allclose(make_detector("token-entropy").score(gens), np.log(V), rtol=1e-5)
+
+
+def test_identical_samples_have_zero_semantic_entropy():
+    answers = ["Paris"] * 6
+    ids = cluster_answers("What is the capital of France?", answers, make_judge("exact-match"))
+    assert ids == [0] * 6
+    assert semantic_entropy([-0.3, -1.2, -0.7, -2.0, -0.1, -0.9], ids) == pytest.approx(0.0, abs=1e-12)
+    assert discrete_semantic_entropy(ids) == pytest.approx(0.0, abs=1e-12)
+    # and two equally likely clusters: log 2
+    assert semantic_entropy([-1.0, -1.0], [0, 1]) == pytest.approx(np.log(2))
+
+
+def test_auroc_equals_the_pairwise_count():
+    """AUROC = P(score of a hallucination > score of a right answer) + P(equal) / 2, counted over every pair."""
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, size=40)
+    s = np.round(rng.normal(size=40) + 0.8 * y, 1)  # rounded: ties
+    pos, neg = s[y == 1], s[y == 0]
+    pairs = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg) / (len(pos) * len(neg))
+    assert auroc(y, s) == pytest.approx(pairs, abs=1e-12)
