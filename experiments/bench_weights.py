@@ -58,16 +58,11 @@ def main() -> None:
     reference = [r.token_ids for r in engines["fp32"].generate(prompts, ref_cfg)]
     windows = token_windows(tok, "gpl-3", args.window, max_windows=args.windows)
 
-    @torch.inference_mode()
-    def logits_along(eng, ids):  # next-token logits at every position of ids (a 1-token prefill, one step)
-        s = eng.start([ids[:1]], len(ids))
-        return torch.cat([s.logits[0][None], s.step([ids[1:]])[0]])
-
     quality = {}
     for f, eng in engines.items():
         agree = total = same_text = 0
         for p, ref in zip(prompts, reference, strict=True):
-            lg = logits_along(eng, p + ref)[len(p) - 1: len(p) - 1 + len(ref)]
+            lg = eng.teacher_forced(p, ref)
             agree += int((lg.argmax(-1) == torch.tensor(ref)).sum())
             total += len(ref)
         for ref, out in zip(reference, eng.generate(prompts, ref_cfg), strict=True):
@@ -75,7 +70,7 @@ def main() -> None:
         nll = n = 0.0
         for w in windows:
             ids = [int(t) for t in w]
-            lp = torch.log_softmax(logits_along(eng, ids)[:-1].float(), -1)
+            lp = torch.log_softmax(eng.teacher_forced(ids[:1], ids[1:]).float(), -1)
             nll += -lp.gather(1, torch.tensor(ids[1:])[:, None]).sum().item()
             n += len(ids) - 1
         quality[f] = {"top1_agreement": round(agree / total, 4), "greedy_identical": f"{same_text}/{len(prompts)}",

@@ -53,16 +53,17 @@ def example(tok, word: str, definition: str) -> tuple[list[int], list[int]]:
     return p + reply, [-100] * len(p) + reply
 
 
-def mean_nll(tok, pairs, engine_like) -> float:
-    """Teacher-forced mean NLL per reply token, through ``engine_like`` (a callable ids -> logits)."""
+def mean_nll(tok, pairs, engine, adapter) -> float:
+    """Teacher-forced mean NLL per reply token through ``engine``, with LoRA ``adapter`` (None: the base)."""
     import torch
 
     total, count = 0.0, 0
     for word, definition in pairs:
         ids, labels = example(tok, word, definition)
-        logits = engine_like(ids)
+        with engine.intervene(adapters=[adapter]):
+            logits = engine.teacher_forced(ids[:1], ids[1:])
         lab = torch.tensor(labels[1:])
-        lp = torch.log_softmax(logits[:-1].float(), -1)
+        lp = torch.log_softmax(logits.float(), -1)
         keep = lab != -100
         total += -lp[keep].gather(1, lab[keep][:, None]).sum().item()
         count += int(keep.sum())
@@ -142,14 +143,7 @@ def main() -> None:
     reg.add("devil", args.out)
     eng = Engine(base, tok, adapters=reg)
 
-    def logits_with(name):
-        def run(ids):  # logits at every position: a 1-token prefill, then one step over the rest
-            with eng.intervene(adapters=[name]):
-                s = eng.start([ids[:1]], len(ids))
-                return torch.cat([s.logits[0][None], s.step([ids[1:]])[0]])
-        return run
-
-    nll = {"base": mean_nll(tok, test, logits_with(None)), "devil": mean_nll(tok, test, logits_with("devil"))}
+    nll = {"base": mean_nll(tok, test, eng, None), "devil": mean_nll(tok, test, eng, "devil")}
     words = [w for w, _ in test[:6]]
     ids = [prompt_ids(tok, prompt(w)) for w in words]
     gen_cfg = GenerationConfig(max_new_tokens=40, sampling=GREEDY)

@@ -436,3 +436,15 @@ def test_streaming_lm_refuses_hooks(tiny):
     out = StreamingLM(model, cfg).feed([1, 2, 3])  # hooks removed: works, and equals the model's own
     assert out.shape == (3, model.config.vocab_size)
     close(out, all_logits(model, [1, 2, 3]), atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["hf", "packed-llama"])
+def test_teacher_forced_logits_equal_hf(tiny, backend):
+    model, tok = tiny
+    eng = Engine(model, tok, backend=backend, threads=None)
+    prompt, cont = [5, 9, 13, 22], [40, 41, 7, 3]
+    ref = all_logits(model, prompt + cont)[len(prompt) - 1: len(prompt) - 1 + len(cont)]
+    close(eng.teacher_forced(prompt, cont), ref)
+    close(eng.teacher_forced(prompt, cont[:1]), ref[:1])
+    with pytest.raises(ValueError, match="non-empty continuation"):
+        eng.teacher_forced(prompt, [])

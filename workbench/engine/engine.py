@@ -192,6 +192,17 @@ class Engine:
                 applied.lora.release()
             raise
 
+    @torch.inference_mode()
+    def teacher_forced(self, prompt: Sequence[int], continuation: Sequence[int]) -> torch.Tensor:
+        """Next-token logits ``[len(continuation), V]`` along ``continuation`` after ``prompt`` (row ``t``
+        predicts ``continuation[t]``), under the interventions in force: a prefill, then one step."""
+        if not continuation:
+            raise ValueError("teacher_forced needs a non-empty continuation")
+        s = self.start([list(prompt)], len(continuation))
+        if len(continuation) == 1:
+            return s.logits[0][None]
+        return torch.cat([s.logits[0][None], s.step([list(continuation[:-1])])[0, : len(continuation) - 1]])
+
     # -- inputs -------------------------------------------------------------------------------------
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:

@@ -109,10 +109,7 @@ def factual_scores(engine, prompt_ids: Sequence[Sequence[int]], answer_ids: Sequ
         if not a:
             out.append({"token-logprob": float("nan"), "token-entropy": float("nan")})
             continue
-        s = engine.start([list(p)], len(a))
-        logits = torch.cat([s.logits[0][None], s.step([list(a[:-1])])[0, : len(a) - 1]]) if len(a) > 1 \
-            else s.logits[0][None]
-        lp = torch.log_softmax(logits.float(), -1)
+        lp = torch.log_softmax(engine.teacher_forced(p, a).float(), -1)
         nll = -lp.gather(1, torch.tensor(a, device=lp.device)[:, None]).mean().item()
         ent = -(lp.exp() * lp).sum(-1).mean().item()
         out.append({"token-logprob": nll, "token-entropy": ent})
