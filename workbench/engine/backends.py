@@ -458,19 +458,15 @@ class PackedLlamaBackend:
             low = self._q_args is not None and fused and B * T <= self.SKINNY_MAX_ROWS  # the skinny kernel streams them
             whole, per_layer = (self._native_q, self._native_q_layer) if low else \
                 (self._native_args, self._native_layer_args)
-            if lora is None and not low:
-                run, extra = (self.native.decode_layers if fused else self.native.layers_forward), ()
-            else:
-                run, extra = self.native.decode_layers_ex, (self._q_scales if low else [], *(
-                    lora.native if lora is not None else (None, [], [], [])))
+            ex = lora is not None or low  # decode_layers_ex: scales and / or LoRA pools
+            run = self.native.decode_layers_ex if ex else (
+                self.native.decode_layers if fused else self.native.layers_forward)
             if iv is None or not (iv.offsets or iv.names):
                 h = run(h, *whole, cache.k, cache.v, cos, sin, attn_mask, start, self.heads,
-                        self.kv_heads, self.head_dim, self.eps, *extra)
+                        self.kv_heads, self.head_dim, self.eps, *(self._ex_args(low, lora) if ex else ()))
             else:  # one layer per call, the residual offsets and hooks in between
                 for i, args in enumerate(per_layer):
-                    if extra:
-                        extra = (self._q_scales[4 * i: 4 * i + 4] if low and self._q_scales else [], *(
-                            lora.native_layer(i) if lora is not None else (None, [], [], [])))
+                    extra = self._ex_args(low, lora, i) if ex else ()
                     h = iv.apply(f"blocks.{i}.hook_resid_pre", i, "hook_resid_pre", h)
                     h = run(h.contiguous(), *args, cache.k[i: i + 1], cache.v[i: i + 1], cos, sin, attn_mask, start,
                             self.heads, self.kv_heads, self.head_dim, self.eps, *extra)
@@ -480,6 +476,16 @@ class PackedLlamaBackend:
                 h = self._layer(i, ly, h, cache, start, end, cos, sin, attn_mask, iv, lora)
         cache.length = end
         return self.head(h, iv, last_only=not all_positions)
+
+    def _ex_args(self, low: bool, lora, layer: int | None = None) -> tuple:
+        """``decode_layers_ex``'s trailing arguments, for every layer or one: the int8 row scales (when the skinny
+        kernel streams the low-precision matrices) and the batch's LoRA pools."""
+        scales = self._q_scales if low else []
+        if layer is not None and scales:
+            scales = scales[4 * layer: 4 * layer + 4]
+        if lora is None:
+            return scales, None, [], [], []
+        return scales, *(lora.native if layer is None else lora.native_layer(layer))
 
     def _layer(self, i, ly, h, cache, start, end, cos, sin, attn_mask, iv, lora=None):
         """One decoder layer of the Python loop; ``iv``: interventions at each of its hook points; ``lora``:
