@@ -1,94 +1,291 @@
-"""Greedy vs best-of-N vs MCTS at an equal forward-token budget, on small arithmetic and code tasks (SmolLM2).
+"""Budget curves: greedy, best-of-N, self-consistency, beam search and MCTS at equal forward-token budgets, on
+arithmetic (exact-answer reward) and small Python functions (unit tests in the sandbox), SmolLM2.
 
-Rewards: exact numeric answer (arithmetic), unit-test pass rate in the sandbox (code). Best-of-N samples at
-temperature 0.8 until the budget is spent and keeps the best-rewarded sample (the prompt is counted once, as
-if its KV cache were shared); MCTS spends the same budget in LM forward tokens (prefix reuse makes that go
-further). Reported: mean reward (pass rate) per method and task family, tokens spent, and for MCTS the forward
-tokens it saved through prefix reuse. Prints a table and writes JSON.
+The budget is counted in forward tokens: tokens the model is run on beyond one prefill of the prompt (every
+method gets that prefill once, as a shared prefix cache would give it). A decode that generates ``n`` tokens
+runs ``n - 1`` of them (the first comes from the prompt's logits; counted as at least 1). The unit is the cost
+of the task's own greedy decode, ``U``; budgets are ``k * U`` for ``k`` in ``--budgets``. A method's answer at
+budget ``B`` uses only candidates completed within ``B``; a candidate cut by the budget does not count.
 
-    .venv/bin/python experiments/bench_mcts.py --budget-new-tokens 300 --max-new-tokens 32 --threads 1 \
-        --json experiments/results/bench_mcts.json   # the committed results
+- ``greedy``: one decode (its cost is ``U``, within every budget).
+- ``best-of-n``: samples at ``--temperature`` (seeded, in order) while the budget lasts; the best by reward.
+- ``self-consistency``: the same samples; the most frequent answer (the final number; the code's syntax tree),
+  ties to the earliest. It does not see the reward.
+- ``beam``: ``K = max(1, k // 2)`` beams for at most ``B // K + 1`` steps, so ``K`` beams of ``B // K`` fed
+  tokens each stay within ``B`` (the ``K`` prompt copies count as one prefill); the top hypothesis.
+- ``mcts``: ``budget_tokens`` = prompt + ``B`` (a hard cap); the best-rewarded complete sequence. One run at the
+  largest budget gives every smaller one: the search is deterministic and a capped run is that run cut at its
+  cap (``MCTSStats.trace``; tested in tests/test_mcts.py).
+
+Success is reward 1 (the exact number; every test passing). Curves carry bootstrap 95% intervals over tasks,
+and the paired difference MCTS - best-of-N with its own interval. Cells (task, method) are appended to a state
+file as they finish, so an interrupted run resumes; progress is printed per cell.
+
+    .venv/bin/python experiments/build_mcts_tasks.py    # the task sets (committed)
+    .venv/bin/python experiments/bench_mcts.py --json experiments/results/bench_mcts.json \\
+        --png experiments/results/bench_mcts.png --state experiments/results/bench_mcts_cells.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
+import ast
+import hashlib
+import json
+import math
+import random
+import re
 import time
+from collections import Counter
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 from provenance import provenance, write_json  # experiments/ is the script's folder
 
-ARITH = [("What is 17 + 25?", 42), ("What is 9 times 7?", 63), ("What is 100 minus 37?", 63),
-         ("What is 144 divided by 12?", 12), ("What is 8 + 15 + 7?", 30), ("What is 6 squared?", 36)]
-CODE = [
-    ("Write a Python function add(a, b) that returns the sum of a and b.",
-     ("assert add(2, 3) == 5", "assert add(-1, 1) == 0", "assert add(10, 5) == 15")),
-    ("Write a Python function is_even(n) that returns True if n is even and False otherwise.",
-     ("assert is_even(4)", "assert not is_even(7)", "assert is_even(0)")),
-    ("Write a Python function maximum(xs) that returns the largest number in the list xs.",
-     ("assert maximum([1, 5, 3]) == 5", "assert maximum([-2, -9]) == -2", "assert maximum([7]) == 7")),
-]
+DATA = Path(__file__).resolve().parent / "data"
+METHODS = ("greedy", "best-of-n", "self-consistency", "beam", "mcts")
+NUMBER = r"-?\d+(?:\.\d+)?"
 
 
-def tasks():
+@dataclass(frozen=True)
+class Settings:
+    budgets: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    temperature: float = 1.0  # best-of-n / self-consistency samples
+    max_new_tokens: dict | None = None  # per task set
+    mcts_width: int = 8
+    mcts_c_puct: float = 1.0
+    mcts_rollout: str = "greedy"
+    mcts_widening: float | None = None
+    mcts_prior_temperature: float = 1.0
+    sample_batch: int = 8
+    max_samples: int = 256
+
+    def max_new(self, task_set: str) -> int:
+        return (self.max_new_tokens or {"arithmetic": 12, "code": 96})[task_set]
+
+    def key(self) -> str:
+        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def load_tasks(task_set: str, limit: int | None = None) -> list[dict]:
+    rows = [json.loads(line) for line in (DATA / f"mcts_{task_set}.jsonl").read_text().splitlines()]
+    return rows[:limit] if limit else rows
+
+
+def reward_for(task: dict):
     from workbench.rewards import ExactAnswer, UnitTests
 
-    for q, a in ARITH:
-        yield "arithmetic", q + " Answer with just the number.", ExactAnswer(a)
-    for q, tests in CODE:
-        yield "code", q + " Reply with only the code.", UnitTests(tests)
+    if "answer" in task:
+        return ExactAnswer(task["answer"])
+    return UnitTests(tuple(task["tests"]), prefix=task["signature"])
 
 
-def run(args) -> dict:
-    import workbench
+def answer_key(task: dict, text: str) -> str:
+    """What self-consistency votes on: the final number, or the function's syntax tree (else its text)."""
+    if "answer" in task:
+        found = re.findall(NUMBER, text.replace(",", ""))
+        return found[-1] if found else ""
+    code = task["signature"] + text.split("```")[0]
+    try:
+        return ast.dump(ast.parse(code))
+    except SyntaxError:
+        return code.strip()
+
+
+def stop_ids(tok, task: dict) -> tuple[int, ...]:
+    """EOS plus every token whose text contains the task's stop string (a newline; a closing fence)."""
+    ids = {i for i in range(len(tok)) if task["stop"] in tok.decode([i])}
+    return tuple(sorted(ids | {tok.eos_token_id}))
+
+
+def prompt_for(tok, task: dict) -> list[int]:
     from workbench.chat import prompt_ids
-    from workbench.engine import Engine, GenerationConfig, SamplingParams
-    from workbench.engine.mcts import MCTSConfig
-    from workbench.threads import ThreadPolicy
 
-    model, tok = workbench.load(args.model, device=args.device, progress=False)
-    eng = Engine(model, tok, threads=ThreadPolicy(args.threads, args.threads))
-    decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
-    rows = []
-    for family, question, reward in tasks():
-        ids = prompt_ids(tok, [{"role": "user", "content": question}])
-        budget = len(ids) + args.budget_new_tokens
-        row = {"family": family, "question": question, "budget_tokens": budget}
-        t0 = time.perf_counter()
-        [g] = eng.generate([ids], GenerationConfig(max_new_tokens=args.max_new_tokens))
-        row["greedy"] = reward(g.text, g.token_ids)
-        row["greedy_tokens"] = len(ids) + len(g.token_ids)
-        t1 = time.perf_counter()
-        spent, best, n = len(ids), 0.0, 0
-        while spent + args.max_new_tokens <= budget or n == 0:
-            [s] = eng.generate([ids], GenerationConfig(max_new_tokens=args.max_new_tokens, seed=1000 + n,
-                                                       sampling=SamplingParams(temperature=0.8)))
-            spent += len(s.token_ids) + 1
-            best = max(best, reward(s.text, s.token_ids))
-            n += 1
-        row.update({"best_of_n": best, "n_samples": n, "best_of_n_tokens": spent})
-        t2 = time.perf_counter()
-        cfg = MCTSConfig(reward=reward, simulations=10_000, budget_tokens=budget, c_puct=args.c_puct,
-                         expansion_width=args.width, chunk=args.chunk, max_new_tokens=args.max_new_tokens,
-                         select="best")
-        [m] = eng.generate([ids], cfg, strategy="mcts")
-        t3 = time.perf_counter()
-        row.update({"mcts": m.stats.reward, "mcts_simulations": m.stats.simulations,
-                    "mcts_forward_tokens": m.stats.forward_tokens, "mcts_reused_tokens": m.stats.reused_tokens, "mcts_answer": decode(m.token_ids)[:200],
-                    "seconds": {"greedy": t1 - t0, "best_of_n": t2 - t1, "mcts": t3 - t2}})
-        rows.append(row)
-        print(f"{family:>10} greedy {row['greedy']:.2f}  best-of-{n} {best:.2f}  mcts {m.stats.reward:.2f} "
-              f"({m.stats.simulations} sims, {m.stats.forward_tokens} fwd, {m.stats.reused_tokens} reused)  {question[:40]!r}",
-              flush=True)
-    summary = {}
-    for fam in ("arithmetic", "code"):
-        sel = [r for r in rows if r["family"] == fam]
-        summary[fam] = {k: sum(r[k] for r in sel) / len(sel) for k in ("greedy", "best_of_n", "mcts")}
-    return {"model": args.model, "device": str(model.device), "torch": torch.__version__,
-            "machine": platform.machine(), "budget_new_tokens": args.budget_new_tokens,
-            "max_new_tokens": args.max_new_tokens, "summary": summary, "rows": rows}
+    return prompt_ids(tok, [{"role": "user", "content": task["question"]}]) + tok.encode(
+        task["prefill"], add_special_tokens=False)
+
+
+def cost(res) -> int:
+    """Forward tokens of one decode beyond the prompt: generated tokens (the stop token included) minus one."""
+    n = len(res.token_ids) + (res.finish_reason == "eos")
+    return max(1, n - 1)
+
+
+# -- one cell: a task and a method ----------------------------------------------------------------------------
+
+
+def run_greedy(eng, task, ids, stop, st: Settings, task_set: str) -> dict:
+    from workbench.engine import GenerationConfig
+
+    [g] = eng.generate([ids], GenerationConfig(max_new_tokens=st.max_new(task_set), eos_token_ids=stop))
+    r = reward_for(task)(g.text, g.token_ids)
+    return {"unit": cost(g), "reward": r, "text": g.text}
+
+
+def run_samples(eng, task, ids, stop, st: Settings, task_set: str, unit: int) -> dict:
+    """Samples in seed order until their summed cost covers the largest budget."""
+    from workbench.engine import GenerationConfig, SamplingParams
+
+    reward, want, samples = reward_for(task), max(st.budgets) * unit, []
+    sp = SamplingParams(temperature=st.temperature)
+    while sum(s["cost"] for s in samples) < want and len(samples) < st.max_samples:
+        seeds = range(len(samples), len(samples) + st.sample_batch)
+        cfgs = [GenerationConfig(max_new_tokens=st.max_new(task_set), eos_token_ids=stop, seed=s, sampling=sp)
+                for s in seeds]
+        for res in eng.generate([ids] * len(cfgs), cfgs):
+            samples.append({"cost": cost(res), "reward": reward(res.text, res.token_ids),
+                            "key": answer_key(task, res.text)})
+    return {"samples": samples}
+
+
+def run_beam(eng, task, ids, stop, st: Settings, task_set: str, unit: int) -> dict:
+    from workbench.engine import BeamConfig
+
+    reward, out = reward_for(task), {}
+    for k in st.budgets:
+        beams = max(1, k // 2)
+        steps = min(st.max_new(task_set), (k * unit) // beams + 1)
+        [b] = eng.generate([ids], BeamConfig(num_beams=beams, max_new_tokens=steps, eos_token_ids=stop),
+                           strategy="beam")
+        out[str(k)] = {"beams": beams, "steps": steps, "reward": reward(b.text, b.token_ids), "text": b.text}
+    return {"by_budget": out}
+
+
+def run_mcts(eng, task, ids, stop, st: Settings, task_set: str, unit: int) -> dict:
+    from workbench.engine.mcts import MCTSConfig
+
+    cfg = MCTSConfig(reward=reward_for(task), simulations=100_000, budget_tokens=len(ids) + max(st.budgets) * unit,
+                     c_puct=st.mcts_c_puct, expansion_width=st.mcts_width, max_new_tokens=st.max_new(task_set),
+                     select="best", rollout=st.mcts_rollout, widening=st.mcts_widening,
+                     temperature=st.mcts_prior_temperature, eos_token_ids=stop)
+    [m] = eng.generate([ids], cfg, strategy="mcts")
+    s = m.stats
+    return {"trace": [[t - len(ids), r] for t, r in s.trace], "simulations": s.simulations,
+            "forward_tokens": s.forward_tokens - len(ids), "reused_tokens": s.reused_tokens, "nodes": s.nodes,
+            "text": m.text}
+
+
+RUNNERS = {"greedy": run_greedy, "samples": run_samples, "beam": run_beam, "mcts": run_mcts}
+
+
+# -- success at a budget -------------------------------------------------------------------------------------
+
+
+def success(cells: dict, method: str, k: int) -> bool:
+    """Whether ``method`` solves the task within ``k`` times its greedy cost, from the task's cells."""
+    budget = k * cells["greedy"]["unit"]
+    if method == "greedy":
+        return cells["greedy"]["reward"] == 1.0
+    if method in ("best-of-n", "self-consistency"):
+        spent, within = 0, []
+        for s in cells["samples"]["samples"]:
+            spent += s["cost"]
+            if spent > budget:
+                break
+            within.append(s)
+        if method == "best-of-n":
+            return any(s["reward"] == 1.0 for s in within)
+        if not within:
+            return False
+        counts = Counter(s["key"] for s in within)
+        top = max(counts.values())
+        key = next(s["key"] for s in within if counts[s["key"]] == top)  # ties: the earliest
+        return next(s["reward"] for s in within if s["key"] == key) == 1.0
+    if method == "beam":
+        return cells["beam"]["by_budget"][str(k)]["reward"] == 1.0
+    if method == "mcts":
+        return any(r == 1.0 for t, r in cells["mcts"]["trace"] if t <= budget)
+    raise KeyError(method)
+
+
+def bootstrap(values: list[float], n_boot: int, seed: int) -> list[float]:
+    if not values:
+        return [math.nan, math.nan]
+    rng = random.Random(seed)
+    means = sorted(sum(rng.choices(values, k=len(values))) / len(values) for _ in range(n_boot))
+    return [means[int(0.025 * n_boot)], means[int(0.975 * n_boot) - 1]]
+
+
+def curves(per_task: dict[str, dict[str, dict]], budgets, n_boot: int = 2000, seed: int = 0) -> tuple[dict, dict]:
+    """``{task_set: {method: [{"budget": k, "success": s, "ci": [lo, hi]}]}}`` and the paired MCTS - best-of-N."""
+    out, paired = {}, {}
+    for task_set, tasks in per_task.items():
+        done = [c for c in tasks.values() if all(m in c for m in ("greedy", "samples", "beam", "mcts"))]
+        out[task_set], paired[task_set] = {}, []
+        for method in METHODS:
+            out[task_set][method] = []
+            for k in budgets:
+                vals = [float(success(c, method, k)) for c in done]
+                out[task_set][method].append({"budget": k, "success": sum(vals) / max(1, len(vals)),
+                                              "ci": bootstrap(vals, n_boot, seed)})
+        for k in budgets:
+            diff = [float(success(c, "mcts", k)) - float(success(c, "best-of-n", k)) for c in done]
+            paired[task_set].append({"budget": k, "mcts_minus_best_of_n": sum(diff) / max(1, len(diff)),
+                                     "ci": bootstrap(diff, n_boot, seed), "tasks": len(done)})
+    return out, paired
+
+
+# -- driver --------------------------------------------------------------------------------------------------
+
+
+def load_state(path: Path | None, key: str) -> dict:
+    state: dict = {}
+    if path and path.exists():
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            if rec["settings"] == key:
+                state.setdefault(rec["task_set"], {}).setdefault(rec["task"], {})[rec["cell"]] = rec["result"]
+    return state
+
+
+def run(eng, tok, task_sets, st: Settings, state_path: Path | None = None, limit: int | None = None,
+        log=print) -> dict:
+    key = st.key()
+    state = load_state(state_path, key)
+    for task_set in task_sets:
+        tasks = load_tasks(task_set, limit)
+        for i, task in enumerate(tasks):
+            cells = state.setdefault(task_set, {}).setdefault(task["id"], {})
+            ids, stop = prompt_for(tok, task), stop_ids(tok, task)
+            for cell, runner in RUNNERS.items():
+                if cell in cells:
+                    continue
+                t0 = time.perf_counter()
+                extra = {} if cell == "greedy" else {"unit": cells["greedy"]["unit"]}
+                cells[cell] = runner(eng, task, ids, stop, st, task_set, **extra)
+                cells[cell]["seconds"] = time.perf_counter() - t0
+                if state_path:
+                    with state_path.open("a") as f:
+                        f.write(json.dumps({"settings": key, "task_set": task_set, "task": task["id"],
+                                            "cell": cell, "result": cells[cell]}) + "\n")
+                log(f"[{task_set} {i + 1}/{len(tasks)} {task['id']}] {cell}: {cells[cell]['seconds']:.1f} s")
+            marks = " ".join(f"{m}={''.join('x' if success(cells, m, k) else '.' for k in st.budgets)}"
+                             for m in METHODS)
+            log(f"[{task_set} {i + 1}/{len(tasks)} {task['id']}] U={cells['greedy']['unit']} {marks}")
+    return state
+
+
+def plot(curves_: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves_), figsize=(6 * len(curves_), 4.2), squeeze=False)
+    for ax, (task_set, by_method) in zip(axes[0], curves_.items(), strict=True):
+        for method, pts in by_method.items():
+            xs = [p["budget"] for p in pts]
+            ax.plot(xs, [p["success"] for p in pts], marker="o", label=method)
+            ax.fill_between(xs, [p["ci"][0] for p in pts], [p["ci"][1] for p in pts], alpha=0.12)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("forward-token budget (x the task's greedy decode)")
+        ax.set_ylabel("success rate")
+        ax.set_title(task_set)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def main() -> None:
@@ -96,18 +293,53 @@ def main() -> None:
     ap.add_argument("-m", "--model", default="smollm2-135m-instruct")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--max-new-tokens", type=int, default=48)
-    ap.add_argument("--budget-new-tokens", type=int, default=400, help="forward tokens beyond the prompt")
-    ap.add_argument("--width", type=int, default=4)
-    ap.add_argument("--chunk", type=int, default=4)
-    ap.add_argument("--c-puct", type=float, default=1.0)
+    ap.add_argument("--sets", nargs="+", default=["arithmetic", "code"], choices=["arithmetic", "code"])
+    ap.add_argument("--limit", type=int, default=None, help="first N tasks per set (quick runs)")
+    ap.add_argument("--budgets", type=int, nargs="+", default=list(Settings.budgets))
+    ap.add_argument("--temperature", type=float, default=Settings.temperature)
+    ap.add_argument("--width", type=int, default=Settings.mcts_width)
+    ap.add_argument("--c-puct", type=float, default=Settings.mcts_c_puct)
+    ap.add_argument("--rollout", default=Settings.mcts_rollout, choices=["greedy", "sample"])
+    ap.add_argument("--widening", type=float, default=None)
+    ap.add_argument("--prior-temperature", type=float, default=Settings.mcts_prior_temperature)
+    ap.add_argument("--boot", type=int, default=2000)
+    ap.add_argument("--state", type=Path, default=None, help="JSONL of finished cells (resumed from)")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--png", type=Path, default=None)
     args = ap.parse_args()
-    out = run(args)
-    print(f"\n{'family':>10} {'greedy':>7} {'best-of-N':>10} {'MCTS':>6}")
-    for fam, s in out["summary"].items():
-        print(f"{fam:>10} {s['greedy']:>7.2f} {s['best_of_n']:>10.2f} {s['mcts']:>6.2f}")
-    write_json(args.json, {**provenance(), **out})
+    if sorted(set(args.budgets)) != args.budgets or args.budgets[0] < 1:
+        ap.error("--budgets must be increasing integers >= 1")
+
+    import torch
+
+    import workbench
+    from workbench.engine import Engine
+    from workbench.threads import ThreadPolicy
+
+    st = Settings(budgets=tuple(args.budgets), temperature=args.temperature, mcts_width=args.width,
+                  mcts_c_puct=args.c_puct, mcts_rollout=args.rollout, mcts_widening=args.widening,
+                  mcts_prior_temperature=args.prior_temperature)
+    torch.manual_seed(0)
+    model, tok = workbench.load(args.model, device=args.device, progress=False)
+    eng = Engine(model, tok, threads=ThreadPolicy(args.threads, args.threads))
+    t0 = time.perf_counter()
+    state = run(eng, tok, args.sets, st, args.state, args.limit, log=lambda s: print(s, flush=True))
+    per_task = {s: {t["id"]: state[s][t["id"]] for t in load_tasks(s, args.limit)} for s in args.sets}
+    cur, paired = curves(per_task, st.budgets, args.boot)
+    print(f"\n{'set':>10} {'method':>17} " + " ".join(f"{k:>5}x" for k in st.budgets))
+    for task_set, by_method in cur.items():
+        for method, pts in by_method.items():
+            print(f"{task_set:>10} {method:>17} " + " ".join(f"{p['success']:>6.2f}" for p in pts))
+        print(f"{task_set:>10} {'mcts - best-of-n':>17} "
+              + " ".join(f"{p['mcts_minus_best_of_n']:>+6.2f}" for p in paired[task_set]))
+    units = {s: sum(c["greedy"]["unit"] for c in per_task[s].values()) / len(per_task[s]) for s in args.sets}
+    out = {**provenance(), "model": args.model, "device": str(model.device), "threads": args.threads,
+           "settings": asdict(st), "mean_unit_tokens": units, "curves": cur, "paired": paired,
+           "tasks": {s: len(per_task[s]) for s in args.sets}, "seconds": time.perf_counter() - t0,
+           "per_task": per_task}
+    write_json(args.json, out)
+    if args.png:
+        plot(cur, args.png)
 
 
 if __name__ == "__main__":

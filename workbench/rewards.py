@@ -27,7 +27,8 @@ class UnitTests:
     """Pass rate of the generated code on ``tests`` in :func:`workbench.sandbox.run_tests`.
 
     ``prefix`` is prepended (e.g. the function signature the prompt ended with); code is taken from the first
-    fenced block if there is one."""
+    fenced block when the reply starts with one (or, without a prefix, anywhere); otherwise it is ``prefix``
+    plus the text up to the first fence (a reply that continues a block the prompt opened)."""
 
     tests: tuple[str, ...]
     prefix: str = ""
@@ -37,5 +38,10 @@ class UnitTests:
         from workbench.sandbox import SandboxLimits, run_tests
 
         m = re.search(r"```(?:python)?\n(.*?)(?:```|$)", text, re.S)
-        code = m.group(1) if m else self.prefix + text
+        if m and not text[: m.start()].strip():
+            code = m.group(1)  # the reply is a fenced block
+        elif m and not self.prefix:
+            code = m.group(1)  # prose, then a block
+        else:
+            code = self.prefix + text.split("```")[0]  # the reply continues the block the prompt opened
         return run_tests(code, list(self.tests), self.limits or SandboxLimits()).pass_rate
