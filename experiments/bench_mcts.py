@@ -3,9 +3,10 @@ arithmetic (exact-answer reward) and small Python functions (unit tests in the s
 
 The budget is counted in forward tokens: tokens the model is run on beyond one prefill of the prompt (every
 method gets that prefill once, as a shared prefix cache would give it). A decode that generates ``n`` tokens
-runs ``n - 1`` of them (the first comes from the prompt's logits; counted as at least 1). The unit is the cost
-of the task's own greedy decode, ``U``; budgets are ``k * U`` for ``k`` in ``--budgets``. A method's answer at
-budget ``B`` uses only candidates completed within ``B``; a candidate cut by the budget does not count.
+runs ``n - 1`` of them (the first comes from the prompt's logits). The unit is the cost of the task's own
+greedy decode, ``U`` (at least 1); budgets are ``k * U`` for ``k`` in ``--budgets``. A method's answer at
+budget ``B`` uses only candidates completed within ``B``; a candidate cut by the budget does not count (a beam
+hypothesis stopped by the budget's step limit scores 0).
 
 - ``greedy``: one decode (its cost is ``U``, within every budget).
 - ``best-of-n``: samples at ``--temperature`` (seeded, in order) while the budget lasts; the best by reward.
@@ -44,6 +45,9 @@ from provenance import provenance, write_json  # experiments/ is the script's fo
 
 DATA = Path(__file__).resolve().parent / "data"
 METHODS = ("greedy", "best-of-n", "self-consistency", "beam", "mcts")
+# MCTS variants (``--ablations``), each a change to the ``mcts`` settings: cells "mcts:<name>"
+ABLATIONS = {"widening-0.5": {"widening": 0.5}, "sampled-rollouts": {"rollout": "sample"},
+             "short-rollouts-4": {"rollout_tokens": 4}, "c_puct-2": {"c_puct": 2.0}}
 NUMBER = r"-?\d+(?:\.\d+)?"
 
 
@@ -106,9 +110,10 @@ def prompt_for(tok, task: dict) -> list[int]:
 
 
 def cost(res) -> int:
-    """Forward tokens of one decode beyond the prompt: generated tokens (the stop token included) minus one."""
-    n = len(res.token_ids) + (res.finish_reason == "eos")
-    return max(1, n - 1)
+    """Forward tokens of one decode beyond the prompt: generated tokens (the stop token included) minus one (the
+    first comes from the prompt's logits; a decode that stops at once runs nothing, as a terminal child of the
+    MCTS root costs nothing)."""
+    return len(res.token_ids) + (res.finish_reason == "eos") - 1
 
 
 # -- one cell: a task and a method ----------------------------------------------------------------------------
@@ -119,7 +124,7 @@ def run_greedy(eng, task, ids, stop, st: Settings, task_set: str) -> dict:
 
     [g] = eng.generate([ids], GenerationConfig(max_new_tokens=st.max_new(task_set), eos_token_ids=stop))
     r = reward_for(task)(g.text, g.token_ids)
-    return {"unit": cost(g), "reward": r, "text": g.text}
+    return {"unit": max(1, cost(g)), "reward": r, "text": g.text}  # the budget unit is at least one token
 
 
 def run_samples(eng, task, ids, stop, st: Settings, task_set: str, unit: int) -> dict:
@@ -135,7 +140,7 @@ def run_samples(eng, task, ids, stop, st: Settings, task_set: str, unit: int) ->
         for res in eng.generate([ids] * len(cfgs), cfgs):
             samples.append({"cost": cost(res), "reward": reward(res.text, res.token_ids),
                             "key": answer_key(task, res.text)})
-    return {"samples": samples}
+    return {"samples": samples, "covered": sum(s["cost"] for s in samples) >= want}
 
 
 def run_beam(eng, task, ids, stop, st: Settings, task_set: str, unit: int) -> dict:
@@ -147,17 +152,20 @@ def run_beam(eng, task, ids, stop, st: Settings, task_set: str, unit: int) -> di
         steps = min(st.max_new(task_set), (k * unit) // beams + 1)
         [b] = eng.generate([ids], BeamConfig(num_beams=beams, max_new_tokens=steps, eos_token_ids=stop),
                            strategy="beam")
-        out[str(k)] = {"beams": beams, "steps": steps, "reward": reward(b.text, b.token_ids), "text": b.text}
+        # a hypothesis the budget cut (not the task's own length limit) is no answer, as for the other methods
+        cut = b.finish_reason == "length" and steps < st.max_new(task_set)
+        out[str(k)] = {"beams": beams, "steps": steps, "finish_reason": b.finish_reason, "cut": cut,
+                       "reward": 0.0 if cut else reward(b.text, b.token_ids), "text": b.text}
     return {"by_budget": out}
 
 
-def run_mcts(eng, task, ids, stop, st: Settings, task_set: str, unit: int) -> dict:
+def run_mcts(eng, task, ids, stop, st: Settings, task_set: str, unit: int, **overrides) -> dict:
     from workbench.engine.mcts import MCTSConfig
 
+    kw = dict(c_puct=st.mcts_c_puct, expansion_width=st.mcts_width, rollout=st.mcts_rollout,
+              widening=st.mcts_widening, temperature=st.mcts_prior_temperature)
     cfg = MCTSConfig(reward=reward_for(task), simulations=100_000, budget_tokens=len(ids) + max(st.budgets) * unit,
-                     c_puct=st.mcts_c_puct, expansion_width=st.mcts_width, max_new_tokens=st.max_new(task_set),
-                     select="best", rollout=st.mcts_rollout, widening=st.mcts_widening,
-                     temperature=st.mcts_prior_temperature, eos_token_ids=stop)
+                     max_new_tokens=st.max_new(task_set), select="best", eos_token_ids=stop, **{**kw, **overrides})
     [m] = eng.generate([ids], cfg, strategy="mcts")
     s = m.stats
     return {"trace": [[t - len(ids), r] for t, r in s.trace], "simulations": s.simulations,
@@ -177,6 +185,9 @@ def success(cells: dict, method: str, k: int) -> bool:
     if method == "greedy":
         return cells["greedy"]["reward"] == 1.0
     if method in ("best-of-n", "self-consistency"):
+        drawn = cells["samples"]
+        if not drawn.get("covered", True) and budget > sum(s["cost"] for s in drawn["samples"]):
+            raise ValueError(f"samples stop at {len(drawn['samples'])} before covering budget {budget}")
         spent, within = 0, []
         for s in cells["samples"]["samples"]:
             spent += s["cost"]
@@ -193,8 +204,8 @@ def success(cells: dict, method: str, k: int) -> bool:
         return next(s["reward"] for s in within if s["key"] == key) == 1.0
     if method == "beam":
         return cells["beam"]["by_budget"][str(k)]["reward"] == 1.0
-    if method == "mcts":
-        return any(r == 1.0 for t, r in cells["mcts"]["trace"] if t <= budget)
+    if method == "mcts" or method.startswith("mcts:"):
+        return any(r == 1.0 for t, r in cells[method]["trace"] if t <= budget)
     raise KeyError(method)
 
 
@@ -206,13 +217,15 @@ def bootstrap(values: list[float], n_boot: int, seed: int) -> list[float]:
     return [means[int(0.025 * n_boot)], means[int(0.975 * n_boot) - 1]]
 
 
-def curves(per_task: dict[str, dict[str, dict]], budgets, n_boot: int = 2000, seed: int = 0) -> tuple[dict, dict]:
+def curves(per_task: dict[str, dict[str, dict]], budgets, n_boot: int = 2000, seed: int = 0,
+           methods=METHODS) -> tuple[dict, dict]:
     """``{task_set: {method: [{"budget": k, "success": s, "ci": [lo, hi]}]}}`` and the paired MCTS - best-of-N."""
     out, paired = {}, {}
     for task_set, tasks in per_task.items():
-        done = [c for c in tasks.values() if all(m in c for m in ("greedy", "samples", "beam", "mcts"))]
+        need = {"greedy", "samples", "beam", "mcts"} | {m for m in methods if m.startswith("mcts:")}
+        done = [c for c in tasks.values() if need <= set(c)]
         out[task_set], paired[task_set] = {}, []
-        for method in METHODS:
+        for method in methods:
             out[task_set][method] = []
             for k in budgets:
                 vals = [float(success(c, method, k)) for c in done]
@@ -239,15 +252,18 @@ def load_state(path: Path | None, key: str) -> dict:
 
 
 def run(eng, tok, task_sets, st: Settings, state_path: Path | None = None, limit: int | None = None,
-        log=print) -> dict:
+        log=print, ablations=()) -> dict:
     key = st.key()
     state = load_state(state_path, key)
+    runners = dict(RUNNERS)
+    for name in ablations:
+        runners[f"mcts:{name}"] = lambda *a, _o=ABLATIONS[name], **k: run_mcts(*a, **k, **_o)
     for task_set in task_sets:
         tasks = load_tasks(task_set, limit)
         for i, task in enumerate(tasks):
             cells = state.setdefault(task_set, {}).setdefault(task["id"], {})
             ids, stop = prompt_for(tok, task), stop_ids(tok, task)
-            for cell, runner in RUNNERS.items():
+            for cell, runner in runners.items():
                 if cell in cells:
                     continue
                 t0 = time.perf_counter()
@@ -303,6 +319,8 @@ def main() -> None:
     ap.add_argument("--widening", type=float, default=None)
     ap.add_argument("--prior-temperature", type=float, default=Settings.mcts_prior_temperature)
     ap.add_argument("--boot", type=int, default=2000)
+    ap.add_argument("--ablations", nargs="*", default=[], choices=list(ABLATIONS),
+                    help="MCTS variants to run as well (reported under 'ablations')")
     ap.add_argument("--state", type=Path, default=None, help="JSONL of finished cells (resumed from)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--png", type=Path, default=None)
@@ -323,18 +341,25 @@ def main() -> None:
     model, tok = workbench.load(args.model, device=args.device, progress=False)
     eng = Engine(model, tok, threads=ThreadPolicy(args.threads, args.threads))
     t0 = time.perf_counter()
-    state = run(eng, tok, args.sets, st, args.state, args.limit, log=lambda s: print(s, flush=True))
+    state = run(eng, tok, args.sets, st, args.state, args.limit, log=lambda s: print(s, flush=True),
+                ablations=args.ablations)
     per_task = {s: {t["id"]: state[s][t["id"]] for t in load_tasks(s, args.limit)} for s in args.sets}
     cur, paired = curves(per_task, st.budgets, args.boot)
+    abl = curves(per_task, st.budgets, args.boot, methods=["mcts"] + [f"mcts:{a}" for a in args.ablations])[0] \
+        if args.ablations else {}
     print(f"\n{'set':>10} {'method':>17} " + " ".join(f"{k:>5}x" for k in st.budgets))
     for task_set, by_method in cur.items():
         for method, pts in by_method.items():
             print(f"{task_set:>10} {method:>17} " + " ".join(f"{p['success']:>6.2f}" for p in pts))
         print(f"{task_set:>10} {'mcts - best-of-n':>17} "
               + " ".join(f"{p['mcts_minus_best_of_n']:>+6.2f}" for p in paired[task_set]))
+        for method, pts in abl.get(task_set, {}).items():
+            if method != "mcts":
+                print(f"{task_set:>10} {method:>17} " + " ".join(f"{p['success']:>6.2f}" for p in pts))
     units = {s: sum(c["greedy"]["unit"] for c in per_task[s].values()) / len(per_task[s]) for s in args.sets}
     out = {**provenance(), "model": args.model, "device": str(model.device), "threads": args.threads,
            "settings": asdict(st), "mean_unit_tokens": units, "curves": cur, "paired": paired,
+           "ablations": {"variants": {a: ABLATIONS[a] for a in args.ablations}, "curves": abl},
            "tasks": {s: len(per_task[s]) for s in args.sets}, "seconds": time.perf_counter() - t0,
            "per_task": per_task}
     write_json(args.json, out)

@@ -223,7 +223,7 @@ class MCTS:
             if self.cfg.rollout == "greedy":
                 tok = int(logp.argmax())
             else:
-                probs = torch.softmax(logp / self.cfg.rollout_temperature, -1)
+                probs = torch.softmax(logp.float().cpu() / self.cfg.rollout_temperature, -1)  # CPU generator
                 tok = int(torch.multinomial(probs, 1, generator=self.gen))
             logps.append(float(logp[tok]))
             seq += (tok,)
