@@ -4,8 +4,9 @@ the engine). Prints a table, writes JSON.
 
     .venv/bin/python experiments/bench_weights.py --json experiments/results/bench_weights.json
 
-Quality targets: perplexity within 1% of fp32 for the 16-bit and 8-bit formats. Exactness (greedy == HF) is a
-claim for fp32 only.
+Formats: ``fp32``, ``bf16``, ``int8``, ``q4`` (quantized from the fp32 weights) and ``q4-gguf`` (``q4`` with the
+model's GGUF Q4_1 blocks taken as they are). Quality targets: perplexity within 1% of fp32 for the 16-bit and
+8-bit formats, within 5% for 4-bit. Exactness (greedy == HF) is a claim for fp32 only.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ QUESTIONS = ["Explain gravity to a child.", "Write a haiku about rain.", "What i
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-m", "--model", default="smollm2-135m-instruct")
-    ap.add_argument("--formats", nargs="+", default=["fp32", "bf16", "int8"])
+    ap.add_argument("--formats", nargs="+", default=["fp32", "bf16", "int8", "q4", "q4-gguf"])
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
@@ -49,7 +50,18 @@ def main() -> None:
 
     model, tok = workbench.load(args.model, progress=False)
     threads = ThreadPolicy(args.threads, args.threads)
-    engines = {f: Engine(model, tok, weights=f, threads=threads) for f in args.formats}
+    def engine(f):
+        if f != "q4-gguf":
+            return Engine(model, tok, weights=f, threads=threads)
+        from workbench.models.cache import source_gguf
+        from workbench.models.registry import get_spec
+
+        eng = Engine(model, tok, weights="q4", gguf=source_gguf(get_spec(args.model), progress=False),
+                     threads=threads)
+        print(f"q4-gguf: matrices {eng.backend.weights_from}", flush=True)
+        return eng
+
+    engines = {f: engine(f) for f in args.formats}
     prompts = [prompt_ids(tok, [{"role": "user", "content": q}]) for q in QUESTIONS]
     cfg = GenerationConfig(max_new_tokens=args.new_tokens, sampling=GREEDY, ignore_eos=True)
 
@@ -106,14 +118,16 @@ def main() -> None:
         q["ppl_change"] = round(q["ppl"] / p32 - 1, 5)
         print(f"{f:8} {q['top1_agreement']:7.4f} {q['ppl']:9.4f} {100 * q['ppl_change']:+7.2f}% {s1['tok_s']:9.1f} "
               f"{s1['ratio_to_fp32']:7.3f} {s8['tok_s']:9.1f} {s8['ratio_to_fp32']:7.3f}")
-    targets = {f: abs(quality[f]["ppl_change"]) <= 0.01 for f in args.formats if f in ("bf16", "int8")}
-    print("perplexity within 1% of fp32:", targets)
+    limit = {"bf16": 0.01, "int8": 0.01, "q4": 0.05, "q4-gguf": 0.05}
+    targets = {f: abs(quality[f]["ppl_change"]) <= limit[f] for f in args.formats if f in limit}
+    print("perplexity within 1% (16/8-bit) or 5% (4-bit) of fp32:", targets)
     if args.json:
         write_json(args.json, {**provenance(), "model": args.model, "threads": args.threads,
                                "new_tokens": args.new_tokens, "rounds": args.rounds,
                                "agreement": {"prompts": len(prompts), "tokens_each": args.agree_tokens},
                                "ppl_text": f"GPL-3, {len(windows)} windows of {args.window} tokens",
-                               "quality": quality, "speed": speed, "ppl_within_1pct": targets})
+                               "quality": quality, "speed": speed, "ppl_targets": {"limits": limit, "met": targets},
+                               "weights_from": {f: engines[f].backend.weights_from for f in args.formats}})
 
 
 if __name__ == "__main__":

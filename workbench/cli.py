@@ -24,6 +24,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 BACKENDS = ("auto", "hf", "packed-llama")
+WEIGHT_FORMATS = ("fp32", "bf16", "int8", "q4")  # workbench.engine.weights.FORMATS (not imported at startup)
 STRATEGIES = ("sample", "beam", "speculative")
 
 
@@ -46,6 +47,10 @@ def _add_gen_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI-style, in [-2, 2]")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string; repeatable")
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="engine backend")
+    p.add_argument("--weights", default="fp32", choices=WEIGHT_FORMATS,
+                   help="packed backend's weight format (greedy == HF in fp32 only)")
+    p.add_argument("--weights-gguf", default=None, metavar="PATH",
+                   help="with --weights q4: take this GGUF's Q4_1 blocks as they are where they match the model")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (None: the physical cores)")
     p.add_argument("--seed", type=int, default=None, help="per-request seed (None: random)")
     p.add_argument("--system", default=None, help="system message (chat models)")
@@ -239,7 +244,8 @@ def _engine(args, model, tok):
     from workbench.lora.cli import registry_for
 
     threads = DEFAULT_POLICY if args.threads is None else ThreadPolicy(args.threads, args.threads)
-    engine = Engine(model, tok, threads=threads, backend=args.backend, adapters=registry_for(args, model))
+    engine = Engine(model, tok, threads=threads, backend=args.backend, adapters=registry_for(args, model),
+                    weights=getattr(args, "weights", "fp32"), gguf=getattr(args, "weights_gguf", None))
     if getattr(args, "control_vector", None) is not None or getattr(args, "strength", None) is not None:
         from workbench.surgery.steer import control_context
 

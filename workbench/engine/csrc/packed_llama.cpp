@@ -8,11 +8,12 @@
 //   the KV-cache write, attention over the cached keys and SiLU*up are plain loops. Same math, other
 //   summation order: equal to the Python loop within float rounding (tested), not bitwise.
 // skinny_linear: x @ w.T for a few rows of x, exposed for the LM head.
-// decode_layers_ex: decode_layers with bfloat16 or int8 (row-scaled) weights and/or per-row LoRA terms on
+// decode_layers_ex: decode_layers with bfloat16, int8 (row-scaled) or 4-bit (Q4_1 blocks) weights and/or per-row
+//   LoRA terms on
 //   q/k/v/o/gate/up/down, gathered from stacked adapter pools (BGMV: each row reads its own adapter's A and B,
 //   Chen et al. 2023, "Punica").
 //
-// Weights are in nn.Linear's layout, [out_features, in_features], contiguous.
+// Weights are in nn.Linear's layout, [out_features, in_features], contiguous (4-bit: [out, in / 2] bytes).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -21,6 +22,9 @@
 #include <type_traits>
 #include <limits>
 #include <vector>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 using torch::Tensor;
 
@@ -114,7 +118,15 @@ struct BF16 {
 };
 struct I8 {
   using T = int8_t;
+  // GCC scalarises a char -> float vector conversion (8 movsbl + vcvtsi2ss); with AVX2 it is one sign-extending
+  // load (vpmovsxbd) and one vcvtdq2ps
+#if defined(__AVX2__)
+  static inline v8 load(const int8_t* p) {
+    return (v8)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+#else
   static inline v8 load(const int8_t* p) { return __builtin_convertvector(*(const v8b*)p, v8); }
+#endif
   static inline float one(const int8_t* p) { return static_cast<float>(*p); }
 };
 
@@ -228,6 +240,89 @@ static void skinny(const float* x, int64_t M, int64_t K, const typename W::T* w,
   });
 }
 
+// --- 4-bit weights in blocks of 32 along K (GGUF's Q4_1 block, with float32 scale and minimum) ------------
+// w [N, K/2] uint8: in block b of row n, byte j holds element 32b + j (low nibble) and 32b + 16 + j (high);
+// dm [N, K/32, 2] float32: (d, m) per block, w = d * q + m. A block's dot product with x is
+// d * sum_j x_j q_j + m * sum_j x_j; the block sums of x are computed once per call, for all N rows.
+constexpr int64_t Q4_BLOCK = 32;
+
+static inline int64_t cols(const Tensor& w) { return w.size(1) * (w.scalar_type() == at::kByte ? 2 : 1); }
+
+static inline void q4_unpack(const uint8_t* p, v8& f0, v8& f1, v8& f2, v8& f3) {
+#if defined(__AVX2__)
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  const __m128i lo = _mm_and_si128(raw, mask), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+  f0 = (v8)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+  f1 = (v8)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+  f2 = (v8)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+  f3 = (v8)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+#else
+  for (int j = 0; j < 8; ++j) {
+    f0[j] = static_cast<float>(p[j] & 0x0F);
+    f1[j] = static_cast<float>(p[8 + j] & 0x0F);
+    f2[j] = static_cast<float>(p[j] >> 4);
+    f3[j] = static_cast<float>(p[8 + j] >> 4);
+  }
+#endif
+}
+
+// MR rows of x against one weight row; xs: the rows' block sums [MR][nb] (row stride nb)
+template <int MR>
+static inline void q4_rows(const float* x, int64_t K, const uint8_t* w, const float* dm, const float* xs,
+                           float* o, int64_t ldo, bool acc) {
+  const int64_t nb = K / Q4_BLOCK;
+  v8 a[MR];
+  float mins[MR];
+  for (int m = 0; m < MR; ++m) a[m] = v8{}, mins[m] = 0.f;
+  for (int64_t b = 0; b < nb; ++b) {
+    v8 f0, f1, f2, f3;
+    q4_unpack(w + b * 16, f0, f1, f2, f3);
+    const float d = dm[2 * b], mn = dm[2 * b + 1];
+#pragma GCC unroll 4
+    for (int m = 0; m < MR; ++m) {
+      const float* xb = x + m * K + b * Q4_BLOCK;
+      const v8 v = *(const v8u*)xb * f0 + *(const v8u*)(xb + 8) * f1 + *(const v8u*)(xb + 16) * f2 +
+                   *(const v8u*)(xb + 24) * f3;
+      a[m] += d * v;
+      mins[m] += mn * xs[m * nb + b];
+    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    const float s = hsum(a[m]) + mins[m];
+    o[m * ldo] = acc ? o[m * ldo] + s : s;
+  }
+}
+
+static void skinny_q4(const float* x, int64_t M, int64_t K, const uint8_t* w, const float* dm, int64_t N,
+                      float* out, int64_t ldo, bool acc) {
+  const int64_t nb = K / Q4_BLOCK;
+  std::vector<float> xs(M * nb);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < nb; ++b) {
+      float s = 0.f;
+      for (int64_t j = 0; j < Q4_BLOCK; ++j) s += x[m * K + b * Q4_BLOCK + j];
+      xs[m * nb + b] = s;
+    }
+  at::parallel_for(0, N, 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t n = lo; n < hi; ++n) {
+      const uint8_t* wn = w + n * (K / 2);
+      const float* dmn = dm + n * nb * 2;
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        const float* xr = x + m0 * K;
+        const float* xsr = xs.data() + m0 * nb;
+        float* o = out + m0 * ldo + n;
+        switch (std::min<int64_t>(4, M - m0)) {
+          case 4: q4_rows<4>(xr, K, wn, dmn, xsr, o, ldo, acc); break;
+          case 3: q4_rows<3>(xr, K, wn, dmn, xsr, o, ldo, acc); break;
+          case 2: q4_rows<2>(xr, K, wn, dmn, xsr, o, ldo, acc); break;
+          default: q4_rows<1>(xr, K, wn, dmn, xsr, o, ldo, acc);
+        }
+      }
+    }
+  });
+}
+
 // out (+)= x @ w.T (times the row scales of an int8 w): the skinny kernel for up to SKINNY_MAX_ROWS rows in any
 // format, ATen beyond (float32 weights only)
 static void linear_into(const Tensor& x, const Tensor& w, Tensor& out, bool acc, const Tensor* scale = nullptr) {
@@ -256,15 +351,23 @@ static void linear_into(const Tensor& x, const Tensor& w, Tensor& out, bool acc,
                   "int8 weights need one float32 scale per output row");
       skinny<I8>(xp, M, K, w.data_ptr<int8_t>(), N, op, ldo, acc, sp);
       return;
+    case at::kByte:
+      TORCH_CHECK(M <= SKINNY_MAX_ROWS, "4-bit weights take at most ", SKINNY_MAX_ROWS, " rows");
+      TORCH_CHECK(K % Q4_BLOCK == 0 && w.size(1) * 2 == K, "4-bit weights: K must be a multiple of ", Q4_BLOCK,
+                  " and w [N, K/2]");
+      TORCH_CHECK(scaled && scale->numel() == N * (K / Q4_BLOCK) * 2 && scale->scalar_type() == at::kFloat,
+                  "4-bit weights need float32 (d, m) per block of ", Q4_BLOCK);
+      skinny_q4(xp, M, K, w.data_ptr<uint8_t>(), sp, N, op, ldo, acc);
+      return;
     default:
-      TORCH_CHECK(false, "weights must be float32, bfloat16 or int8, got ", w.scalar_type());
+      TORCH_CHECK(false, "weights must be float32, bfloat16, int8 or 4-bit (uint8), got ", w.scalar_type());
   }
 }
 
 Tensor skinny_linear(const Tensor& x, const Tensor& w, const c10::optional<Tensor>& scale) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.scalar_type() == at::kFloat,
               "skinny_linear: x [M, K] (float32) and w [N, K] must be matrices");
-  TORCH_CHECK(x.size(1) == w.size(1), "skinny_linear: x has ", x.size(1), " columns, w has ", w.size(1));
+  TORCH_CHECK(x.size(1) == cols(w), "skinny_linear: x has ", x.size(1), " columns, w has ", cols(w));
   TORCH_CHECK(w.is_contiguous(), "skinny_linear: w must be contiguous");
   TORCH_CHECK(w.scalar_type() == at::kFloat || x.size(0) <= SKINNY_MAX_ROWS,
               "skinny_linear: low-precision weights take at most ", SKINNY_MAX_ROWS, " rows");
@@ -368,10 +471,10 @@ static Tensor decode_impl(const Tensor& h_in, const std::vector<Tensor>& norm1, 
               "decode_layers: the attention mask must hold B * (cached + T) or B * T * (cached + T) entries");
   for (size_t i = 0; i < norm1.size(); ++i)
     TORCH_CHECK(norm1[i].is_contiguous() && norm2[i].is_contiguous() && norm1[i].numel() == d &&
-                    norm2[i].numel() == d && wqkv[i].size(0) == (H + 2 * KV) * D && wqkv[i].size(1) == d &&
+                    norm2[i].numel() == d && wqkv[i].size(0) == (H + 2 * KV) * D && cols(wqkv[i]) == d &&
                     wqkv[i].is_contiguous() && wo[i].is_contiguous() && wgu[i].is_contiguous() &&
                     wdown[i].is_contiguous() && wo[i].size(0) == d && wdown[i].size(0) == d &&
-                    wgu[i].size(1) == d && wdown[i].size(1) * 2 == wgu[i].size(0),
+                    cols(wgu[i]) == d && cols(wdown[i]) * 2 == wgu[i].size(0),
                 "decode_layers: layer ", i, " has unexpected or non-contiguous weights");
   const bool low = wqkv[0].scalar_type() != at::kFloat;
   TORCH_CHECK(!low || R <= SKINNY_MAX_ROWS, "decode_layers: low-precision weights take at most ", SKINNY_MAX_ROWS,
@@ -480,8 +583,8 @@ Tensor decode_layers(const Tensor& h_in, const std::vector<Tensor>& norm1, const
                      KV, D, eps, nullptr, nullptr);
 }
 
-// decode_layers with weights in any skinny format (scales: int8 row scales, 4 per layer, or empty) and per-row
-// LoRA terms (lora_idx undefined or empty lists: none)
+// decode_layers with weights in any skinny format (scales: int8 row scales or 4-bit block (d, m), 4 per layer,
+// or empty) and per-row LoRA terms (lora_idx undefined or empty lists: none)
 Tensor decode_layers_ex(const Tensor& h_in, const std::vector<Tensor>& norm1, const std::vector<Tensor>& wqkv,
                         const std::vector<Tensor>& wo, const std::vector<Tensor>& norm2,
                         const std::vector<Tensor>& wgu, const std::vector<Tensor>& wdown, const Tensor& cache_k,
