@@ -23,8 +23,9 @@ and the paired difference MCTS - best-of-N with its own interval. Cells (task, m
 file as they finish, so an interrupted run resumes; progress is printed per cell.
 
     .venv/bin/python experiments/build_mcts_tasks.py    # the task sets (committed)
-    .venv/bin/python experiments/bench_mcts.py --json experiments/results/bench_mcts.json \\
-        --png experiments/results/bench_mcts.png --state experiments/results/bench_mcts_cells.jsonl
+    .venv/bin/python experiments/bench_mcts.py --ablations widening-0.5 sampled-rollouts short-rollouts-4 \\
+        c_puct-2 --ablation-sets arithmetic --json experiments/results/bench_mcts.json \\
+        --png experiments/results/bench_mcts.png --state bench_mcts_cells.jsonl
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ from provenance import provenance, write_json  # experiments/ is the script's fo
 
 DATA = Path(__file__).resolve().parent / "data"
 METHODS = ("greedy", "best-of-n", "self-consistency", "beam", "mcts")
+# a stronger best-of-N: the greedy decode first, then samples with what is left
+EXTRA_BASELINES = ("best-of-n-after-greedy",)
 # MCTS variants (``--ablations``), each a change to the ``mcts`` settings: cells "mcts:<name>"
 ABLATIONS = {"widening-0.5": {"widening": 0.5}, "sampled-rollouts": {"rollout": "sample"},
              "short-rollouts-4": {"rollout_tokens": 4}, "c_puct-2": {"c_puct": 2.0}}
@@ -181,9 +184,18 @@ RUNNERS = {"greedy": run_greedy, "samples": run_samples, "beam": run_beam, "mcts
 
 def success(cells: dict, method: str, k: int) -> bool:
     """Whether ``method`` solves the task within ``k`` times its greedy cost, from the task's cells."""
-    budget = k * cells["greedy"]["unit"]
+    if method == "beam":  # run once per budget
+        return cells["beam"]["by_budget"][str(k)]["reward"] == 1.0
+    return solved_within(cells, method, k * cells["greedy"]["unit"])
+
+
+def solved_within(cells: dict, method: str, budget: int) -> bool:
+    """Whether ``method`` solves the task within ``budget`` forward tokens."""
     if method == "greedy":
         return cells["greedy"]["reward"] == 1.0
+    if method == "best-of-n-after-greedy":
+        rest = budget - cells["greedy"]["unit"]
+        return cells["greedy"]["reward"] == 1.0 or solved_within(cells, "best-of-n", rest)
     if method in ("best-of-n", "self-consistency"):
         drawn = cells["samples"]
         if not drawn.get("covered", True) and budget > sum(s["cost"] for s in drawn["samples"]):
@@ -202,8 +214,6 @@ def success(cells: dict, method: str, k: int) -> bool:
         top = max(counts.values())
         key = next(s["key"] for s in within if counts[s["key"]] == top)  # ties: the earliest
         return next(s["reward"] for s in within if s["key"] == key) == 1.0
-    if method == "beam":
-        return cells["beam"]["by_budget"][str(k)]["reward"] == 1.0
     if method == "mcts" or method.startswith("mcts:"):
         return any(r == 1.0 for t, r in cells[method]["trace"] if t <= budget)
     raise KeyError(method)
@@ -252,13 +262,13 @@ def load_state(path: Path | None, key: str) -> dict:
 
 
 def run(eng, tok, task_sets, st: Settings, state_path: Path | None = None, limit: int | None = None,
-        log=print, ablations=()) -> dict:
+        log=print, ablations=(), ablation_sets=None) -> dict:
     key = st.key()
     state = load_state(state_path, key)
-    runners = dict(RUNNERS)
-    for name in ablations:
-        runners[f"mcts:{name}"] = lambda *a, _o=ABLATIONS[name], **k: run_mcts(*a, **k, **_o)
+    variants = {f"mcts:{name}": lambda *a, _o=ABLATIONS[name], **k: run_mcts(*a, **k, **_o) for name in ablations}
     for task_set in task_sets:
+        with_ablations = ablation_sets is None or task_set in ablation_sets
+        runners = {**RUNNERS, **(variants if with_ablations else {})}
         tasks = load_tasks(task_set, limit)
         for i, task in enumerate(tasks):
             cells = state.setdefault(task_set, {}).setdefault(task["id"], {})
@@ -321,6 +331,8 @@ def main() -> None:
     ap.add_argument("--boot", type=int, default=2000)
     ap.add_argument("--ablations", nargs="*", default=[], choices=list(ABLATIONS),
                     help="MCTS variants to run as well (reported under 'ablations')")
+    ap.add_argument("--ablation-sets", nargs="+", default=None, choices=["arithmetic", "code"],
+                    help="the task sets the ablations run on (default: all of --sets)")
     ap.add_argument("--state", type=Path, default=None, help="JSONL of finished cells (resumed from)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--png", type=Path, default=None)
@@ -342,24 +354,30 @@ def main() -> None:
     eng = Engine(model, tok, threads=ThreadPolicy(args.threads, args.threads))
     t0 = time.perf_counter()
     state = run(eng, tok, args.sets, st, args.state, args.limit, log=lambda s: print(s, flush=True),
-                ablations=args.ablations)
+                ablations=args.ablations, ablation_sets=args.ablation_sets)
     per_task = {s: {t["id"]: state[s][t["id"]] for t in load_tasks(s, args.limit)} for s in args.sets}
     cur, paired = curves(per_task, st.budgets, args.boot)
-    abl = curves(per_task, st.budgets, args.boot, methods=["mcts"] + [f"mcts:{a}" for a in args.ablations])[0] \
-        if args.ablations else {}
+    extra = curves(per_task, st.budgets, args.boot, methods=EXTRA_BASELINES)[0]
+    abl_sets = [s for s in args.sets if args.ablation_sets is None or s in args.ablation_sets]
+    abl = curves({s: per_task[s] for s in abl_sets}, st.budgets, args.boot,
+                 methods=["mcts"] + [f"mcts:{a}" for a in args.ablations])[0] if args.ablations else {}
     print(f"\n{'set':>10} {'method':>17} " + " ".join(f"{k:>5}x" for k in st.budgets))
     for task_set, by_method in cur.items():
         for method, pts in by_method.items():
             print(f"{task_set:>10} {method:>17} " + " ".join(f"{p['success']:>6.2f}" for p in pts))
         print(f"{task_set:>10} {'mcts - best-of-n':>17} "
               + " ".join(f"{p['mcts_minus_best_of_n']:>+6.2f}" for p in paired[task_set]))
+        for method, pts in extra[task_set].items():
+            print(f"{task_set:>10} {method[:17]:>17} " + " ".join(f"{p['success']:>6.2f}" for p in pts))
         for method, pts in abl.get(task_set, {}).items():
             if method != "mcts":
                 print(f"{task_set:>10} {method:>17} " + " ".join(f"{p['success']:>6.2f}" for p in pts))
     units = {s: sum(c["greedy"]["unit"] for c in per_task[s].values()) / len(per_task[s]) for s in args.sets}
     out = {**provenance(), "model": args.model, "device": str(model.device), "threads": args.threads,
-           "settings": asdict(st), "mean_unit_tokens": units, "curves": cur, "paired": paired,
-           "ablations": {"variants": {a: ABLATIONS[a] for a in args.ablations}, "curves": abl},
+           "settings": asdict(st), "mean_unit_tokens": units, "bootstrap": args.boot, "curves": cur,
+           "paired": paired,
+           "extra_baselines": extra, "ablations": {"variants": {a: ABLATIONS[a] for a in args.ablations},
+                                                   "curves": abl},
            "tasks": {s: len(per_task[s]) for s in args.sets}, "seconds": time.perf_counter() - t0,
            "per_task": per_task}
     write_json(args.json, out)

@@ -95,5 +95,12 @@ def test_committed_results_have_the_promised_shape():
             assert [p["budget"] for p in pts] == list(out["settings"]["budgets"])
             assert all(set(p) == {"budget", "success", "ci"} for p in pts)
         assert out["tasks"][task_set] == len(B.load_tasks(task_set))
-        for task in out["per_task"][task_set].values():  # MCTS never passed its cap
-            assert task["mcts"]["forward_tokens"] <= max(out["settings"]["budgets"]) * task["greedy"]["unit"]
+    # the curves are what the per-task cells give (the same bootstrap seed and count)
+    cur, paired = B.curves(out["per_task"], tuple(out["settings"]["budgets"]), n_boot=out["bootstrap"])
+    assert cur == out["curves"] and paired == out["paired"]
+
+
+def test_best_of_n_after_greedy_spends_the_rest_of_the_budget_on_samples():
+    c = cells([(4, 1.0, "7")], unit=4)
+    assert [B.success(c, "best-of-n-after-greedy", k) for k in (1, 2)] == [False, True]
+    assert B.success(cells([], unit=4, greedy=1.0), "best-of-n-after-greedy", 1)

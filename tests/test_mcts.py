@@ -199,6 +199,7 @@ def test_rewards():
     assert ut("    return a + b\n", []) == 0.5
     assert ut("```python\ndef add(a, b):\n    return a + b\n```\nDone.", []) == 0.5
     assert ut("    return a + b\n```\nThis adds.", []) == 0.5  # the prompt opened the block: cut at its end
+    assert ut("Here it is:\n```python\ndef add(a, b):\n    return a + b\n```", []) == 0.5  # prose, then a block
 
 
 def test_bad_configs():

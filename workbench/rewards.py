@@ -22,13 +22,22 @@ class ExactAnswer:
         return float(bool(found) and math.isclose(float(found[-1]), float(self.answer), abs_tol=1e-9))
 
 
+def _parses(code: str) -> bool:
+    try:
+        compile(code, "<reply>", "exec")
+    except (SyntaxError, ValueError):
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class UnitTests:
     """Pass rate of the generated code on ``tests`` in :func:`workbench.sandbox.run_tests`.
 
     ``prefix`` is prepended (e.g. the function signature the prompt ended with); code is taken from the first
     fenced block when the reply starts with one (or, without a prefix, anywhere); otherwise it is ``prefix``
-    plus the text up to the first fence (a reply that continues a block the prompt opened)."""
+    plus the text up to the first fence (a reply that continues a block the prompt opened), unless that does not
+    parse and the reply has a fenced block (prose, then the block)."""
 
     tests: tuple[str, ...]
     prefix: str = ""
@@ -38,10 +47,7 @@ class UnitTests:
         from workbench.sandbox import SandboxLimits, run_tests
 
         m = re.search(r"```(?:python)?\n(.*?)(?:```|$)", text, re.S)
-        if m and not text[: m.start()].strip():
-            code = m.group(1)  # the reply is a fenced block
-        elif m and not self.prefix:
-            code = m.group(1)  # prose, then a block
-        else:
-            code = self.prefix + text.split("```")[0]  # the reply continues the block the prompt opened
+        code = self.prefix + text.split("```")[0]  # the reply continues the block the prompt opened
+        if m and (not text[: m.start()].strip() or not self.prefix or not _parses(code)):
+            code = m.group(1)  # the reply is a fenced block, or prose then a block
         return run_tests(code, list(self.tests), self.limits or SandboxLimits()).pass_rate

@@ -6,7 +6,8 @@ children valued at their parent's mean (first-play urgency). Progressive widenin
 2008) optionally lets a node with ``N`` visits choose among only its ``ceil(widening_k * (N + 1) ** widening)``
 most probable children, so a small budget goes deep along likely tokens before it goes wide.
 
-A leaf is expanded with one LM call and valued by a rollout: greedy or sampled (seeded), to the end or for at
+A leaf is expanded with one LM call (plus ``chunk - 1`` greedy calls per child when edges are chunks) and valued
+by a rollout: greedy or sampled (seeded), to the end or for at
 most ``rollout_tokens`` tokens. A rollout that ends is scored by the reward; one cut short is valued by its
 likelihood, ``exp(mean log-probability)`` of the tokens it generated (a cheap value estimate in [0, 1], the
 reward's range for the built-in rewards). Values are backed up as running means. Every complete sequence is
@@ -17,9 +18,10 @@ best complete sequence inside the most visited subtree (``select="visits"``).
 The budget is a hard cap: ``budget_tokens`` bounds ``forward_tokens``, the tokens the LM is run on, the
 prompt's first prefill included. An LM call that would pass it is not run; the search stops there, and the
 answer is chosen among what was already scored (no tokens are spent after the search). ``MCTSStats.trace``
-lists each new candidate with the forward tokens spent when it was scored, so the outcome under any smaller
-cap can be read from one run: the search is deterministic (seeded), and a capped run is the same run cut at the
-first call that would pass its cap.
+lists each new candidate with the forward tokens spent when it was scored. With a deterministic LM and reward
+the search is deterministic (rollouts are seeded), and a capped run is the same run cut at the first call that
+would pass its cap: its trace, and so its ``select="best"`` answer and reward, can be read from one longer run
+(``select="visits"`` depends on visit counts, which the trace does not hold).
 
 The reward is any callable ``(text, token_ids) -> float`` (ready-made ones, with their sandbox, are in
 :mod:`workbench.rewards`). The LM side reuses KV prefixes across tree nodes: one session holds the last
