@@ -291,7 +291,7 @@ def run(eng, tok, task_sets, st: Settings, state_path: Path | None = None, limit
     return state
 
 
-def plot(curves_: dict, path: Path) -> None:
+def plot(curves_: dict, path: Path, extra: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -303,6 +303,8 @@ def plot(curves_: dict, path: Path) -> None:
             xs = [p["budget"] for p in pts]
             ax.plot(xs, [p["success"] for p in pts], marker="o", label=method)
             ax.fill_between(xs, [p["ci"][0] for p in pts], [p["ci"][1] for p in pts], alpha=0.12)
+        for method, pts in (extra or {}).get(task_set, {}).items():  # extra baselines: dashed, no band
+            ax.plot([p["budget"] for p in pts], [p["success"] for p in pts], ls="--", marker=".", label=method)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("forward-token budget (x the task's greedy decode)")
         ax.set_ylabel("success rate")
@@ -382,7 +384,7 @@ def main() -> None:
            "per_task": per_task}
     write_json(args.json, out)
     if args.png:
-        plot(cur, args.png)
+        plot(cur, args.png, extra)
 
 
 if __name__ == "__main__":
