@@ -209,26 +209,27 @@ class MCTS:
     def _done(self, seq) -> bool:
         return bool(seq) and (seq[-1] in self.lm.eos or len(seq) >= self.cfg.max_new_tokens)
 
+    def _extend(self, prompt, seq: tuple[int, ...], n: int | None, sample: bool) -> tuple[tuple[int, ...], list[float]]:
+        """``seq`` extended until it ends or for at most ``n`` tokens, greedily or by sampling (seeded); also the
+        chosen tokens' log-probabilities."""
+        seq, logps = tuple(seq), []
+        while not self._done(seq) and (n is None or len(logps) < n):
+            logp = self.lm.next_logprobs(list(prompt) + list(seq))
+            if sample:
+                probs = torch.softmax(logp.float().cpu() / self.cfg.rollout_temperature, -1)  # CPU generator
+                tok = int(torch.multinomial(probs, 1, generator=self.gen))
+            else:
+                tok = int(logp.argmax())
+            logps.append(float(logp[tok]))
+            seq += (tok,)
+        return seq, logps
+
     def _greedy(self, prompt, seq: tuple[int, ...], n: int | None = None) -> tuple[int, ...]:
-        seq = tuple(seq)
-        steps = 0
-        while not self._done(seq) and (n is None or steps < n):
-            seq += (int(self.lm.next_logprobs(list(prompt) + list(seq)).argmax()),)
-            steps += 1
-        return seq
+        return self._extend(prompt, seq, n, sample=False)[0]
 
     def _rollout(self, prompt, seq: tuple[int, ...]) -> float:
         """Value of ``seq`` by a rollout from it: the reward if the rollout ends, else its likelihood."""
-        seq, logps, limit = tuple(seq), [], self.cfg.rollout_tokens
-        while not self._done(seq) and (limit is None or len(logps) < limit):
-            logp = self.lm.next_logprobs(list(prompt) + list(seq))
-            if self.cfg.rollout == "greedy":
-                tok = int(logp.argmax())
-            else:
-                probs = torch.softmax(logp.float().cpu() / self.cfg.rollout_temperature, -1)  # CPU generator
-                tok = int(torch.multinomial(probs, 1, generator=self.gen))
-            logps.append(float(logp[tok]))
-            seq += (tok,)
+        seq, logps = self._extend(prompt, seq, self.cfg.rollout_tokens, sample=self.cfg.rollout == "sample")
         if self._done(seq):
             return self.score(seq)
         return math.exp(sum(logps) / len(logps))
