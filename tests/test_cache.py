@@ -137,3 +137,13 @@ def test_force_pull_keeps_the_old_copy_until_the_new_one_is_complete(env):
     cache.ensure_cached(spec, downloader=downloader, converter=converter, progress=False, force=True)
     assert len(calls) == 6 and cache.is_cached(spec)  # pulled again although cached
     assert not d.with_name(d.name + ".old").exists()
+
+
+def test_source_gguf_is_assembled_once_kept_and_rebuilt_if_corrupted(env):
+    spec, downloader, _, calls, _ = env
+    path = cache.source_gguf(spec, downloader=downloader, progress=False)  # a fresh cache: no folders yet
+    assert path.read_bytes() == b"".join(PAYLOAD) and len(calls) == 2
+    assert cache.source_gguf(spec, downloader=downloader, progress=False) == path and len(calls) == 2  # kept
+    path.write_bytes(b"corrupted")
+    assert cache.source_gguf(spec, downloader=downloader, progress=False).read_bytes() == b"".join(PAYLOAD)
+    assert len(calls) == 4
