@@ -98,6 +98,8 @@ def test_ineffective_sampling_flags_warn(capsys):
     (["generate", *TINY, "--weights", "q3", "hi"], "invalid choice: 'q3'"),
     (["generate", *TINY, "--weights", "int8", "--weights-gguf", "x.gguf", "hi"], "weights='q4'"),
     (["generate", *TINY, "--weights", "bf16", "--backend", "hf", "hi"], "packed-backend format"),
+    (["generate", *TINY, "--weights", "fp16", "--activations", "q8", "hi"], "activations='q8'"),
+    (["generate", *TINY, "--activations", "q4", "hi"], "invalid choice: 'q4'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, msg):
     try:
@@ -157,14 +159,15 @@ def test_first_native_build_says_what_it_does(monkeypatch, tmp_path, caplog):
 
 
 def test_weights_option(capsys, tiny):
-    from workbench.cli import WEIGHT_FORMATS
-    from workbench.engine.weights import FORMATS
+    from workbench.cli import ACTIVATION_FORMATS, WEIGHT_FORMATS
+    from workbench.engine.weights import ACTIVATIONS, FORMATS
 
-    assert WEIGHT_FORMATS == FORMATS
+    assert WEIGHT_FORMATS == FORMATS and ACTIVATION_FORMATS == ACTIVATIONS
     model, tok = tiny
     cfg = GenerationConfig(max_new_tokens=6, sampling=SamplingParams(temperature=0.0))
-    for fmt in ("q4", "fp32"):
-        assert main(["generate", *TINY, "--max-new-tokens", "6", "--weights", fmt, "--json", "hello"]) == 0
+    for fmt, act in (("q4", "fp32"), ("q4", "q8"), ("fp32", "fp32")):
+        assert main(["generate", *TINY, "--max-new-tokens", "6", "--weights", fmt, "--activations", act, "--json",
+                     "hello"]) == 0
         got = json.loads(capsys.readouterr().out)
-        want = Engine(model, tok, weights=fmt).generate([tok("hello")["input_ids"]], cfg)[0]
+        want = Engine(model, tok, weights=fmt, activations=act).generate([tok("hello")["input_ids"]], cfg)[0]
         assert got["text"] == want.text

@@ -1,5 +1,5 @@
-"""Low-precision weight formats of the packed backend (bf16, int8 with row scales, q4 in GGUF Q4_1 blocks): the
-stored forms, GGUF block loading, the C++
+"""Low-precision weight formats of the packed backend (bf16, fp16, int8 with row scales, q4 in GGUF Q4_1 blocks)
+and int8 (q8) activations: the stored forms, GGUF block loading, the C++
 skinny kernel against the dequantized weights, the fused decode loop against the Python loop on the same
 weights, interventions on every format, and the refusals (tiny random Llama)."""
 
@@ -11,7 +11,7 @@ import torch
 from workbench.engine import Engine
 from workbench.engine.backends import PackedLlamaBackend
 from workbench.engine.config import GREEDY, GenerationConfig
-from workbench.engine.weights import FORMATS, quantize
+from workbench.engine.weights import FORMATS, kernel_args, q8_linear_reference, quantize, quantize_activations_q8
 from workbench.models.tiny import build_tiny
 
 LOW = [f for f in FORMATS if f != "fp32"]
@@ -35,13 +35,15 @@ def test_quantize_forms():
     w = torch.randn(37, 53) * torch.linspace(0.1, 3, 37)[:, None]
     b = quantize(w, "bf16")
     assert b.stored.dtype == torch.bfloat16 and torch.equal(b.dequantized, w.to(torch.bfloat16).float())
+    h = quantize(w, "fp16")
+    assert h.stored.dtype == torch.float16 and torch.equal(h.dequantized, w.half().float())
     q = quantize(w, "int8")
     assert q.stored.dtype == torch.int8 and q.scale.shape == (37,)
     assert ((q.dequantized - w).abs() <= q.scale[:, None] / 2 + 1e-7).all()
     assert (q.stored.abs().amax(1) == 127).all()  # each row's absmax maps to 127
     assert quantize(w, "fp32").stored is not None and torch.equal(quantize(w, "fp32").dequantized, w)
-    with pytest.raises(KeyError, match="unknown weight format 'fp16'"):
-        quantize(w, "fp16")
+    with pytest.raises(KeyError, match="unknown weight format 'fp8'"):
+        quantize(w, "fp8")
     w4 = torch.randn(37, 96) * torch.linspace(0.1, 3, 37)[:, None]
     q4 = quantize(w4, "q4")
     assert q4.stored.dtype == torch.uint8 and q4.stored.shape == (37, 48) and q4.scale.shape == (37, 3, 2)
@@ -52,6 +54,17 @@ def test_quantize_forms():
     assert ((q4.dequantized - w4).view(37, 3, 32).abs() <= d[..., None] / 2 + 1e-6).all()
     with pytest.raises(ValueError, match="multiples of 32"):
         quantize(torch.randn(4, 40), "q4")
+
+
+def test_q4_kernel_blocks_interleave_scales_and_nibbles():
+    q = quantize(torch.randn(5, 64), "q4")
+    blocks, scale = kernel_args(q)
+    assert scale is None and blocks.dtype == torch.uint8 and blocks.shape == (5, 2 * 24)
+    b = blocks.view(5, 2, 24)
+    assert torch.equal(b[..., :8].contiguous().view(torch.float32), q.scale)  # d, m as float32
+    assert torch.equal(b[..., 8:].reshape(5, 32), q.stored)  # then the block's 16 bytes of nibbles
+    i8 = quantize(torch.randn(5, 64), "int8")
+    assert kernel_args(i8)[0] is i8.stored and kernel_args(i8)[1] is i8.scale
 
 
 def test_gguf_q4_1_blocks_load_as_they_are():
@@ -80,10 +93,91 @@ def test_skinny_kernel_equals_dequantized_matmul(tiny, fmt, rows):
     w = torch.randn(45, K)
     q = quantize(w, fmt)
     x = torch.randn(rows, K)
-    got = be.native.skinny_linear(x, q.stored, q.scale)
+    got = be.native.skinny_linear(x, *kernel_args(q))
     torch.testing.assert_close(got, x @ q.dequantized.T, rtol=1e-5, atol=1e-5)
     with pytest.raises(RuntimeError, match="at most 16 rows"):
-        be.native.skinny_linear(torch.randn(17, K), q.stored, q.scale)
+        be.native.skinny_linear(torch.randn(17, K), *kernel_args(q))
+
+
+def test_q8_activations_quantize_per_block_of_32():
+    x = torch.randn(3, 96) * torch.tensor([0.01, 1.0, 40.0]).repeat_interleave(32)  # blocks of very different scale
+    x[1, 32:64] = 0.0  # an all-zero block: scale 0, codes 0
+    q, d = quantize_activations_q8(x)
+    assert q.dtype == torch.int8 and d.shape == (3, 3) and d[1, 1] == 0 and (q[1, 32:64] == 0).all()
+    blocks = x.view(3, 3, 32)
+    torch.testing.assert_close(d, blocks.abs().amax(-1) / 127)
+    assert (q.view(3, 3, 32).abs().amax(-1)[d > 0] == 127).all()  # each block's absmax maps to +-127
+    assert ((q.view(3, 3, 32).float() * d[..., None] - blocks).abs() <= d[..., None] / 2 + 1e-7).all()
+    with pytest.raises(ValueError, match="blocks of 32"):
+        quantize_activations_q8(torch.randn(2, 40))
+
+
+@pytest.mark.parametrize("fmt", ["int8", "q4"])
+@pytest.mark.parametrize("rows", [1, 3, 7, 16])
+def test_skinny_kernel_with_q8_activations_equals_integer_reference(tiny, fmt, rows):
+    """The integer-dot kernel equals the float64 reference of the same math (exact block dot products, then the
+    scales); it differs from the float-activation kernel by the inputs' rounding only."""
+    be = native(tiny[0])
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(45, 96, generator=g) * torch.linspace(0.2, 2, 45)[:, None]
+    q = quantize(w, fmt)
+    x = torch.randn(rows, 96, generator=g) * torch.linspace(0.1, 3, 96)
+    got = be.native.skinny_linear(x, *kernel_args(q), True)
+    ref = q8_linear_reference(x, q)
+    # float32 rounding of the scaled block sums only (one code off would be ~dx * |w| ~ 1e-2)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6 * ref.abs().max().item())
+    float_acts = be.native.skinny_linear(x, *kernel_args(q))
+    err = (got - float_acts).abs().max() / float_acts.abs().max()
+    assert 1e-6 < err < 2e-2  # rounded inputs: close to the float result, and not equal to it
+    with pytest.raises(RuntimeError, match="int8 activations need int8 or 4-bit weights"):
+        be.native.skinny_linear(x, quantize(w, "bf16").stored, None, True)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "q4"])
+def test_q8_activations_through_the_engine(tiny, fmt, tmp_path):
+    """Decode steps on q8 activations stay close to float activations on the same weights, and residual offsets and
+    LoRA terms still take effect (each changes the logits by far more than the inputs' rounding)."""
+    import copy
+
+    peft = pytest.importorskip("peft")
+    from workbench.lora import AdapterRegistry
+
+    model, tok = tiny
+    torch.manual_seed(0)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
+    peft.get_peft_model(copy.deepcopy(model), cfg).save_pretrained(tmp_path / "a")
+    reg = AdapterRegistry(model)
+    reg.add("a", tmp_path / "a")
+    vec = 4 * torch.randn(model.config.hidden_size)
+    engines = {act: Engine(model, tok, weights=fmt, activations=act, adapters=reg, threads=None)
+               for act in ("fp32", "q8")}
+    assert engines["q8"].backend.native is not None and engines["q8"].backend.activations == "q8"
+    out = {}
+    for act, eng in engines.items():
+        for name, iv in (("plain", {}), ("offset", {"offsets": {"blocks.1.hook_resid_pre": vec}}),
+                         ("adapter", {"adapters": ["a", "a"]})):
+            with eng.intervene(**iv):
+                s = eng.start(PROMPTS, 2)
+                out[act, name] = s.decode(torch.tensor([8, 9])).clone()
+    for name in ("plain", "offset", "adapter"):
+        diff = (out["q8", name] - out["fp32", name]).abs().max()
+        assert 0 < diff < 0.05 * out["fp32", name].abs().max(), name
+        if name != "plain":  # the intervention's effect on q8 matches its effect on float activations
+            effect_q8 = out["q8", name] - out["q8", "plain"]
+            effect_fp = out["fp32", name] - out["fp32", "plain"]
+            assert effect_fp.abs().max() > 10 * diff
+            torch.testing.assert_close(effect_q8, effect_fp, rtol=0.1, atol=0.1 * effect_fp.abs().max().item())
+
+
+def test_q8_activation_refusals(tiny):
+    model, tok = tiny
+    with pytest.raises(ValueError, match="activations='q8' multiplies int8 or q4 weights"):
+        Engine(model, tok, weights="bf16", activations="q8")
+    with pytest.raises(KeyError, match="unknown activation format 'int4'"):
+        Engine(model, tok, weights="int8", activations="int4")
+    be = PackedLlamaBackend(model, weights="int8", activations="q8")
+    with pytest.raises(ValueError, match="activations='fp32', not 'q8'|activations='q8', not 'fp32'"):
+        Engine(model, tok, backend=be, weights="int8")
 
 
 @pytest.mark.parametrize("fmt", LOW)

@@ -214,20 +214,25 @@ class PackedLlamaBackend:
     FUSED_MAX_TOKENS = 16  # new tokens per row up to which the native fused loop runs
     SKINNY_MAX_ROWS = 16  # rows up to which the native LM head runs the skinny kernel (as in the C++ file)
 
-    def __init__(self, model, native: bool | None = None, weights: str = "fp32", gguf=None):
+    def __init__(self, model, native: bool | None = None, weights: str = "fp32", gguf=None,
+                 activations: str = "fp32"):
         """``native``: run the layer loop in the compiled C++ helper (prefill: the same ATen ops, bitwise-equal
         results; decode steps: fused loops around the four weight matmuls, equal within float rounding).
         None = when available (fp32, bias-free layers without q/k norms, helper builds), False = Python.
         ``weights``: the format the layer matmuls and the LM head compute with (:mod:`workbench.engine.weights`:
-        ``fp32``, ``bf16``, ``int8``, ``q4``); a copy, re-made whenever the model's weights change.
+        ``fp32``, ``bf16``, ``fp16``, ``int8``, ``q4``); a copy, re-made whenever the model's weights change.
         ``gguf``: a GGUF file whose Q4_1 blocks ``q4`` takes as they are for every matrix they still equal
-        (the rest are quantized from the model's weights; ``weights_from`` counts both)."""
-        from workbench.engine.weights import check_format
+        (the rest are quantized from the model's weights; ``weights_from`` counts both).
+        ``activations="q8"`` (int8 and q4 weights): the decode matmuls quantize their inputs to int8 blocks of 32
+        and use integer dot products, as llama.cpp does (faster; the inputs' rounding is added to the weights'),
+        while prefills stay float32."""
+        from workbench.engine.weights import check_activations, check_format
 
         why = self.unsupported(model)
         if why:
             raise ValueError(f"backend 'packed-llama' cannot run this model: {why}")
         self.weights = check_format(weights)
+        self.activations = check_activations(activations, weights)
         if weights != "fp32" and next(model.parameters()).dtype != torch.float32:
             raise ValueError(f"weights={weights!r} quantizes float32 models; this one is "
                              f"{next(model.parameters()).dtype}")
@@ -360,7 +365,7 @@ class PackedLlamaBackend:
         self._q_args, self._q_scales, self.lm_head_q = None, [], None
         if self.weights == "fp32":
             return
-        from workbench.engine.weights import Quantized, dequantize_q4, quantize
+        from workbench.engine.weights import Q4_BLOCK, Quantized, dequantize_q4, kernel_args, quantize
 
         names = ("wqkv", "wo", "wgu", "wdown")
         stored = {n: [] for n in names}
@@ -376,10 +381,18 @@ class PackedLlamaBackend:
                 self.weights_from["gguf" if q is not None else "quantized"] += 1
                 q = q or quantize(w, self.weights)
                 setattr(ly, n, q.dequantized)
-                stored[n].append(q.stored)
-                if q.scale is not None:
-                    self._q_scales.append(q.scale)
+                w_k, scale = kernel_args(q)
+                stored[n].append(w_k)
+                if scale is not None:
+                    self._q_scales.append(scale)
         self._q_args = tuple(stored[n] for n in names)
+        if self.activations == "q8":
+            inputs = {ly.wqkv.shape[1] for ly in self.layers} | {ly.wo.shape[1] for ly in self.layers} | \
+                {ly.wdown.shape[1] for ly in self.layers} | {self.lm_head.shape[1]}
+            bad = sorted(k for k in inputs if k % Q4_BLOCK)
+            if bad:
+                raise ValueError(f"activations='q8' needs matmul inputs in whole blocks of {Q4_BLOCK}; this model "
+                                 f"has inputs of {bad}")
         if self._gguf_blocks is not None and self._fingerprint is None and self.weights_from["gguf"] == 0:
             raise ValueError("none of the GGUF file's Q4_1 blocks equals this model's weights (another model, "
                              "or not a Q4_1 file): leave out gguf= to quantize from the model")
@@ -505,9 +518,10 @@ class PackedLlamaBackend:
         scales = self._q_scales if low else []
         if layer is not None and scales:
             scales = scales[4 * layer: 4 * layer + 4]
+        q8 = low and self.activations == "q8"
         if lora is None:
-            return scales, None, [], [], []
-        return scales, *(lora.native if layer is None else lora.native_layer(layer))
+            return scales, None, [], [], [], q8
+        return scales, *(lora.native if layer is None else lora.native_layer(layer)), q8
 
     def _layer(self, i, ly, h, cache, start, end, cos, sin, attn_mask, iv, lora=None):
         """One decoder layer of the Python loop; ``iv``: interventions at each of its hook points; ``lora``:
@@ -575,7 +589,7 @@ class PackedLlamaBackend:
             # a few rows (decode, verification): the C++ kernel reads the [vocab, d] head once for all rows
             rows = x.reshape(-1, x.shape[-1]).contiguous()
             if self.lm_head_q is not None:
-                out = self.native.skinny_linear(rows, self.lm_head_q, self.lm_head_s)
+                out = self.native.skinny_linear(rows, self.lm_head_q, self.lm_head_s, self.activations == "q8")
             else:
                 out = self.native.skinny_linear(rows, self.lm_head)
             return out.view(*x.shape[:-1], -1)
@@ -608,9 +622,13 @@ class PackedLlamaBackend:
 BACKENDS = {"hf": HFBackend, "packed-llama": PackedLlamaBackend}
 
 
-def make_backend(model, name="auto", weights: str = "fp32", gguf=None):
+def make_backend(model, name="auto", weights: str = "fp32", gguf=None, activations: str = "fp32"):
     """Build backend ``name`` (exact name, or ``auto``) for ``model``; a backend instance is used as is.
-    ``weights`` other than fp32 are a packed-backend format: refused for a model or backend that cannot run it."""
+    ``weights`` other than fp32 (and ``activations`` other than fp32) are packed-backend formats: refused for a
+    model or backend that cannot run them."""
+    from workbench.engine.weights import check_activations
+
+    check_activations(activations, weights)
     if not isinstance(name, str):
         if getattr(name, "model", None) is not model:
             raise ValueError("the backend instance was built for another model")
@@ -619,18 +637,21 @@ def make_backend(model, name="auto", weights: str = "fp32", gguf=None):
         if getattr(name, "weights", "fp32") != weights:
             raise ValueError(f"the backend instance computes with weights={getattr(name, 'weights', 'fp32')!r}, "
                              f"not {weights!r}")
+        if getattr(name, "activations", "fp32") != activations:
+            raise ValueError(f"the backend instance computes with activations="
+                             f"{getattr(name, 'activations', 'fp32')!r}, not {activations!r}")
         return name
     if name == "auto":
         why = PackedLlamaBackend.unsupported(model)
         if why is None:
-            return PackedLlamaBackend(model, weights=weights, gguf=gguf)
+            return PackedLlamaBackend(model, weights=weights, gguf=gguf, activations=activations)
         if weights != "fp32":
             raise ValueError(f"weights={weights!r} needs the packed backend, which cannot run this model: {why}")
         return HFBackend(model)
     if name not in BACKENDS:
         raise UnknownNameError("engine backend", name, [*BACKENDS, "auto"])
     if name == "packed-llama":
-        return PackedLlamaBackend(model, weights=weights, gguf=gguf)
+        return PackedLlamaBackend(model, weights=weights, gguf=gguf, activations=activations)
     if weights != "fp32":
         raise ValueError(f"weights={weights!r} is a packed-backend format; backend {name!r} computes with the "
                          "model's own weights")

@@ -62,17 +62,18 @@ class Engine:
     Interventions (residual offsets, hooks, LoRA adapters per request) go through :meth:`intervene`; hooks
     installed around a call with ``workbench.interp.Hooks`` are honoured too (see
     :mod:`workbench.engine.interventions`). ``adapters``: the :class:`workbench.lora.AdapterRegistry` that adapter
-    names are looked up in. ``weights``: the packed backend's weight format (``fp32``, ``bf16``, ``int8``, ``q4``;
+    names are looked up in. ``weights``: the packed backend's weight format (``fp32``, ``bf16``, ``fp16``, ``int8``, ``q4``;
     see :mod:`workbench.engine.weights`): a copy the decode matmuls stream, the model's parameters untouched;
     greedy output equals HF's only in fp32. ``gguf``: with ``weights="q4"``, a GGUF file whose Q4_1 blocks are
-    used as they are wherever they still equal the model's weights.
+    used as they are wherever they still equal the model's weights. ``activations="q8"`` (with ``int8`` or ``q4``
+    weights): decode matmuls quantize their inputs to int8 blocks and use integer dot products (as llama.cpp).
     """
 
     SAMPLERS = ("auto", "torch", "triton")
 
     def __init__(self, model, tokenizer, *, threads: ThreadPolicy | None = DEFAULT_POLICY, backend: str = "auto",
                  sampler: str = "auto", prefill_chunk: int = 2048, adapters=None, weights: str = "fp32",
-                 gguf=None):
+                 gguf=None, activations: str = "fp32"):
         if not hasattr(model, "config") or not callable(model):
             raise TypeError("Engine needs a Hugging Face causal LM (a module with .config)")
         self.model = model
@@ -82,8 +83,8 @@ class Engine:
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = 0 if pad is None else pad
-        self.weights, self.gguf = weights, gguf
-        self.backend = make_backend(model, backend, weights, gguf)
+        self.weights, self.gguf, self.activations = weights, gguf, activations
+        self.backend = make_backend(model, backend, weights, gguf, activations)
         self._auto_backend = isinstance(backend, str) and backend == "auto"
         self._backends = {self.backend.name: self.backend}  # auto: one instance per name (no re-pack per switch)
         if sampler not in self.SAMPLERS:
@@ -167,7 +168,7 @@ class Engine:
 
     def _backend_named(self, name: str):
         if name not in self._backends:
-            self._backends[name] = make_backend(self.model, name, self.weights, self.gguf)
+            self._backends[name] = make_backend(self.model, name, self.weights, self.gguf, self.activations)
         return self._backends[name]
 
     # -- the step API -------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 - ``fp32``: the model's own values (the only format for which greedy output equals HF's exactly);
 - ``bf16``: bfloat16 (the top 16 bits of each float32, rounded to nearest even);
+- ``fp16``: IEEE float16 (rounded to nearest even; GGUF's F16), widened with F16C's ``vcvtph2ps`` on x86: the
+  16-bit format to pick where bfloat16 is not native (see :func:`workbench.cpu.fast_bf16`);
 - ``int8``: symmetric int8 with one float32 scale per output row, ``w ~ q * absmax(row) / 127`` (per-channel
   weight quantization as in LLM.int8()'s weight path, Dettmers et al. 2022, without outlier handling);
 - ``q4``: 4 bits with a scale and a minimum per block of 32 inputs, ``w ~ d * q + m`` with ``q`` in 0..15,
@@ -21,15 +23,60 @@ import torch
 
 from workbench.errors import UnknownNameError
 
-FORMATS = ("fp32", "bf16", "int8", "q4")
+FORMATS = ("fp32", "bf16", "fp16", "int8", "q4")
+ACTIVATIONS = ("fp32", "q8")  # what the skinny kernel multiplies the weights with (q8: int8 and q4 weights only)
 Q4_BLOCK = 32
 
 
 @dataclass(frozen=True)
 class Quantized:
-    stored: torch.Tensor  # what the skinny kernel reads: float32, bfloat16 or int8 [out, in]; q4: uint8 [out, in/2]
+    stored: torch.Tensor  # what the skinny kernel reads: float32, bfloat16, float16 or int8 [out, in]; q4: uint8 [out, in/2]
     scale: torch.Tensor | None  # int8: float32 [out]; q4: float32 (d, m) per block [out, in/32, 2]
     dequantized: torch.Tensor  # float32 [out, in]: the weights this format computes with
+
+
+def check_activations(name: str, weights: str) -> str:
+    if name not in ACTIVATIONS:
+        raise UnknownNameError("activation format", name, list(ACTIVATIONS))
+    if name == "q8" and weights not in ("int8", "q4"):
+        raise ValueError(f"activations='q8' multiplies int8 or q4 weights with integer dot products; "
+                         f"weights={weights!r} computes in float32")
+    return name
+
+
+def quantize_activations_q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``x`` [M, K] as the ``q8`` activations the C++ kernel computes with: per block of 32, ``dx = absmax
+    / 127`` and ``qx = round(x / dx)`` (half to even) in -127..127, as llama.cpp's Q8_0 / Q8_1 activations.
+    Returns ``(qx int8 [M, K], dx float32 [M, K / 32])``."""
+    M, K = x.shape
+    if K % Q4_BLOCK:
+        raise ValueError(f"q8 activations come in blocks of {Q4_BLOCK}; got {K} columns")
+    b = x.float().reshape(M, K // Q4_BLOCK, Q4_BLOCK)
+    d = b.abs().amax(-1) / 127.0
+    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    q = torch.round(b * inv[..., None]).to(torch.int8)
+    return q.reshape(M, K), d
+
+
+def q8_linear_reference(x: torch.Tensor, q: "Quantized") -> torch.Tensor:
+    """``x @ w.T`` as the skinny kernel computes it with ``q8`` activations, in float64: per block, the exact
+    integer dot product times the scales (int8: the row scale times dx; q4: ``d * dx * sum(qx q) + m *
+    sum(x)``, the minimum's term on the unrounded block sum of x)."""
+    qx, dx = quantize_activations_q8(x)
+    M, K = x.shape
+    nb = K // Q4_BLOCK
+    xb = qx.double().reshape(M, 1, nb, Q4_BLOCK)
+    if q.stored.dtype == torch.int8:
+        wb = q.stored.double().reshape(1, -1, nb, Q4_BLOCK)
+        return ((xb * wb).sum(-1) * dx.double()[:, None]).sum(-1) * q.scale.double()
+    if q.stored.dtype != torch.uint8:
+        raise ValueError(f"q8 activations multiply int8 or q4 weights, not {q.stored.dtype}")
+    N = q.stored.shape[0]
+    nib = q.stored.reshape(N, nb, 16)
+    wq = torch.cat([nib & 0x0F, nib >> 4], -1).double().reshape(1, N, nb, Q4_BLOCK)
+    d, m = q.scale[..., 0].double(), q.scale[..., 1].double()
+    xsum = x.double().reshape(M, 1, nb, Q4_BLOCK).sum(-1)
+    return ((xb * wq).sum(-1) * d * dx.double()[:, None] + m * xsum).sum(-1)
 
 
 def check_format(name: str) -> str:
@@ -45,14 +92,28 @@ def quantize(w: torch.Tensor, fmt: str) -> Quantized:
     w = w.detach().float().contiguous()
     if fmt == "fp32":
         return Quantized(w, None, w)
-    if fmt == "bf16":
-        q = w.to(torch.bfloat16).contiguous()
+    if fmt in ("bf16", "fp16"):
+        q = w.to(torch.bfloat16 if fmt == "bf16" else torch.float16).contiguous()
         return Quantized(q, None, q.float())
     if fmt == "q4":
         return _quantize_q4(w)
     scale = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127.0
     q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8).contiguous()
     return Quantized(q, scale.contiguous(), q.float() * scale[:, None])
+
+
+Q4_KERNEL_BYTES = 24  # a q4 block as the C++ kernel streams it: float32 d, float32 m, 16 bytes of nibbles
+
+
+def kernel_args(q: Quantized) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(w, scale)`` as the C++ skinny kernel takes them: the stored form and its row scales, or for ``q4`` the
+    blocks with their (d, m) interleaved, ``[out, in / 32 * 24]`` bytes, so that each row is one sequential
+    stream (no separate scale tensor)."""
+    if q.stored.dtype != torch.uint8:
+        return q.stored, q.scale
+    N, nb = q.scale.shape[:2]
+    dm = q.scale.contiguous().view(torch.uint8).reshape(N, nb, 8)
+    return torch.cat([dm, q.stored.reshape(N, nb, 16)], -1).reshape(N, nb * Q4_KERNEL_BYTES).contiguous(), None
 
 
 def nbytes(q: Quantized) -> int:
