@@ -89,7 +89,7 @@ def test_gguf_q4_1_blocks_load_as_they_are():
 @pytest.mark.parametrize("rows", [1, 3, 7, 16])
 def test_skinny_kernel_equals_dequantized_matmul(tiny, fmt, rows):
     be = native(tiny[0])
-    K = 96 if fmt == "q4" else 67  # q4 takes whole blocks of 32
+    K = 96 if fmt == "q4" else 75  # q4 takes whole blocks of 32; 75 = 2 x 32 + 8 + 3 reaches every loop
     g = torch.Generator().manual_seed(rows)
     w = torch.randn(45, K, generator=g)
     q = quantize(w, fmt)
@@ -154,6 +154,20 @@ def test_q8_activations_through_the_engine(tiny, fmt, tmp_path):
     engines = {act: Engine(model, tok, weights=fmt, activations=act, adapters=reg, threads=None)
                for act in ("fp32", "q8")}
     assert engines["q8"].backend.native is not None and engines["q8"].backend.activations == "q8"
+    flags = []
+
+    class Spy:  # records the q8 flag of every layer call (the LM head's q8 alone would also change the logits)
+        def __init__(self, mod):
+            self.mod = mod
+
+        def __getattr__(self, name):
+            return getattr(self.mod, name)
+
+        def decode_layers_ex(self, *args):
+            flags.append(args[-1])
+            return self.mod.decode_layers_ex(*args)
+
+    engines["q8"].backend.native = Spy(engines["q8"].backend.native)
     out = {}
     for act, eng in engines.items():
         for name, iv in (("plain", {}), ("offset", {"offsets": {"blocks.1.hook_resid_pre": vec}}),
@@ -169,6 +183,7 @@ def test_q8_activations_through_the_engine(tiny, fmt, tmp_path):
             effect_fp = out["fp32", name] - out["fp32", "plain"]
             assert effect_fp.abs().max() > 10 * diff
             torch.testing.assert_close(effect_q8, effect_fp, rtol=0.1, atol=0.1 * effect_fp.abs().max().item())
+    assert flags and all(flags)  # every decode step's layers (whole, per layer for offsets, with LoRA) ran q8
 
 
 def test_q8_activation_refusals(tiny):
@@ -178,8 +193,14 @@ def test_q8_activation_refusals(tiny):
     with pytest.raises(KeyError, match="unknown activation format 'int4'"):
         Engine(model, tok, weights="int8", activations="int4")
     be = PackedLlamaBackend(model, weights="int8", activations="q8")
-    with pytest.raises(ValueError, match="activations='fp32', not 'q8'|activations='q8', not 'fp32'"):
+    with pytest.raises(ValueError, match="activations='q8', not 'fp32'"):
         Engine(model, tok, backend=be, weights="int8")
+    with pytest.raises(ValueError, match="C.. decode loop, which is unavailable"):
+        PackedLlamaBackend(model, weights="int8", activations="q8", native=False)
+    odd, otok = build_tiny("llama")
+    odd.config.intermediate_size = 120  # the check reads the config before any packing
+    with pytest.raises(ValueError, match=r"whole blocks of 32; this model has inputs of \[120\]"):
+        PackedLlamaBackend(odd, weights="q4", activations="q8")
 
 
 @pytest.mark.parametrize("fmt", LOW)
@@ -205,17 +226,25 @@ def test_fused_decode_equals_python_loop_on_the_same_weights(tiny, fmt):
 
 
 @pytest.mark.parametrize("fmt", LOW)
-def test_low_precision_prefills_run_on_prepacked_weights(tiny, fmt):
+def test_low_precision_prefills_run_on_prepacked_weights(tiny, fmt, monkeypatch):
     """Prefills past the fused loop multiply by the dequantized copies reordered for oneDNN: the same weights as
     F.linear on them, within float rounding; fp32 keeps F.linear (HF's bits)."""
     if not torch.backends.mkldnn.is_available():
         pytest.skip("torch was built without oneDNN")
     model, tok = tiny
-    eng = Engine(model, tok, weights=fmt, threads=None)
+    # the Python loop (native=False) runs F.linear wherever a matrix has no prepacked copy: the spy sees which
+    eng = Engine(model, tok, backend=PackedLlamaBackend(model, native=False, weights=fmt), weights=fmt,
+                 threads=None)
     layers = eng.backend.layers
     assert all(ly.prepacked is not None for ly in layers)
+    assert Engine(model, tok, weights=fmt, threads=None).backend.layers[0].prepacked is not None
     long = [list(range(3, 40)), list(range(5, 25))]  # 37 and 20 tokens: past the fused loop's 16
+    calls = []
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *a, **k: calls.append(a[1].shape) or linear(*a, **k))
+    head = eng.backend.lm_head.shape
     a = eng.start(long, 1).logits
+    assert calls == [head]  # every layer matmul went through oneDNN; F.linear ran the LM head only
     packs = [ly.prepacked for ly in layers]
     try:
         for ly in layers:
@@ -225,6 +254,7 @@ def test_low_precision_prefills_run_on_prepacked_weights(tiny, fmt):
         for ly, p in zip(layers, packs, strict=True):
             ly.prepacked = p
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert len(calls) == 2 + 4 * len(layers)  # without the prepacked copies: F.linear for every layer matrix
     assert Engine(model, tok, threads=None).backend.layers[0].prepacked is None
 
 

@@ -53,7 +53,7 @@ def _add_gen_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights-gguf", default=None, metavar="PATH",
                    help="with --weights q4: take this GGUF's Q4_1 blocks as they are where they match the model")
     p.add_argument("--activations", default="fp32", choices=ACTIVATION_FORMATS,
-                   help="with --weights int8 or q4: q8 quantizes the decode matmuls' inputs (integer dot products)")
+                   help="with --weights int8 or q4: q8 quantizes the decode steps' matmul inputs (integer dot products)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (None: the physical cores)")
     p.add_argument("--seed", type=int, default=None, help="per-request seed (None: random)")
     p.add_argument("--system", default=None, help="system message (chat models)")

@@ -234,9 +234,10 @@ class PackedLlamaBackend:
         ``fp32``, ``bf16``, ``fp16``, ``int8``, ``q4``); a copy, re-made whenever the model's weights change.
         ``gguf``: a GGUF file whose Q4_1 blocks ``q4`` takes as they are for every matrix they still equal
         (the rest are quantized from the model's weights; ``weights_from`` counts both).
-        ``activations="q8"`` (int8 and q4 weights): the decode matmuls quantize their inputs to int8 blocks of 32
-        and use integer dot products, as llama.cpp does (faster; the inputs' rounding is added to the weights'),
-        while prefills stay float32."""
+        ``activations="q8"`` (int8 and q4 weights): the C++ decode loop's matmuls (steps of up to 16 rows in
+        all, and the LM head on them) quantize their inputs to int8 blocks of 32 and use integer dot products, as
+        llama.cpp does; the inputs' rounding is added to the weights'. Longer prefills, more rows and the Python
+        loop (hooks inside attention) compute with float32 activations. Refused where the C++ loop is unavailable."""
         from workbench.engine.weights import check_activations, check_format
 
         why = self.unsupported(model)
@@ -259,7 +260,25 @@ class PackedLlamaBackend:
             self._gguf_blocks = load_q4_1(gguf)
         self.weights_from = {}
         self._fingerprint = None
+        if self.activations == "q8":
+            self._check_q8_shapes(model)
         self._pack()
+        if self.activations == "q8" and self.native is None:
+            from workbench.engine import native as native_mod
+
+            raise ValueError("activations='q8' runs in the C++ decode loop, which is unavailable here: "
+                             f"{native_mod.failure('packed_llama') or 'native=False, disabled or unsupported layers'}")
+
+    def _check_q8_shapes(self, model) -> None:
+        """q8 activations come in blocks of 32: every matmul input size must be a multiple of 32."""
+        cfg = model.config
+        heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        inputs = {cfg.hidden_size, heads * head_dim, cfg.intermediate_size}
+        bad = sorted(k for k in inputs if k % 32)
+        if bad:
+            raise ValueError(f"activations='q8' needs matmul inputs in whole blocks of 32; this model has inputs of "
+                             f"{bad}")
 
     @classmethod
     def unsupported(cls, model) -> str | None:
@@ -376,7 +395,7 @@ class PackedLlamaBackend:
         self._q_args, self._q_scales, self.lm_head_q = None, [], None
         if self.weights == "fp32":
             return
-        from workbench.engine.weights import Q4_BLOCK, Quantized, dequantize_q4, kernel_args, quantize
+        from workbench.engine.weights import Quantized, dequantize_q4, kernel_args, quantize
 
         names = ("wqkv", "wo", "wgu", "wdown")
         stored = {n: [] for n in names}
@@ -398,17 +417,12 @@ class PackedLlamaBackend:
                     self._q_scales.append(scale)
         self._q_args = tuple(stored[n] for n in names)
         if torch.backends.mkldnn.is_available():
-            # prefills multiply by the dequantized copies; oneDNN's GEMM on weights reordered once runs them about
-            # twice as fast as F.linear at prompt lengths of tens of tokens on the 2-core AVX2 EPYC measured
+            # prefills multiply by the dequantized copies; oneDNN's GEMM on copies reordered once runs a 41-token
+            # SmolLM2 prefill ~1.4x as fast as F.linear on a 2-core AVX2 EPYC (one more float32 copy of the layers)
+            bias = {"wqkv": "bqkv", "wo": "bo", "wgu": "bgu", "wdown": "bdown"}
             for ly in self.layers:
-                ly.prepacked = {n: torch.ops.mkldnn._reorder_linear_weight(getattr(ly, n), 64) for n in names}
-        if self.activations == "q8":
-            inputs = {ly.wqkv.shape[1] for ly in self.layers} | {ly.wo.shape[1] for ly in self.layers} | \
-                {ly.wdown.shape[1] for ly in self.layers} | {self.lm_head.shape[1]}
-            bad = sorted(k for k in inputs if k % Q4_BLOCK)
-            if bad:
-                raise ValueError(f"activations='q8' needs matmul inputs in whole blocks of {Q4_BLOCK}; this model "
-                                 f"has inputs of {bad}")
+                ly.prepacked = {n: torch.ops.mkldnn._reorder_linear_weight(getattr(ly, n), 64) for n in names
+                                if getattr(ly, bias[n]) is None}
         if self._gguf_blocks is not None and self._fingerprint is None and self.weights_from["gguf"] == 0:
             raise ValueError("none of the GGUF file's Q4_1 blocks equals this model's weights (another model, "
                              "or not a Q4_1 file): leave out gguf= to quantize from the model")
@@ -532,7 +546,7 @@ class PackedLlamaBackend:
 
     def _ex_args(self, low: bool, lora, layer: int | None = None) -> tuple:
         """``decode_layers_ex``'s trailing arguments, for every layer or one: the int8 row scales (when the skinny
-        kernel streams the low-precision matrices) and the batch's LoRA pools."""
+        kernel streams the low-precision matrices), the batch's LoRA pools and the q8-activations flag."""
         scales = self._q_scales if low else []
         if layer is not None and scales:
             scales = scales[4 * layer: 4 * layer + 4]

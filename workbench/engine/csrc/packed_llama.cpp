@@ -538,6 +538,8 @@ static void linear_into(const Tensor& x, const Tensor& w, Tensor& out, bool acc,
 Tensor skinny_linear(const Tensor& x, const Tensor& w, const c10::optional<Tensor>& scale, bool q8) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.scalar_type() == at::kFloat,
               "skinny_linear: x [M, K] (float32) and w [N, K] must be matrices");
+  TORCH_CHECK(w.scalar_type() != at::kByte || w.size(1) % Q4_BYTES == 0,
+              "skinny_linear: 4-bit weights are rows of 24-byte blocks (workbench.engine.weights.kernel_args)");
   TORCH_CHECK(x.size(1) == cols(w), "skinny_linear: x has ", x.size(1), " columns, w has ", cols(w));
   TORCH_CHECK(w.is_contiguous(), "skinny_linear: w must be contiguous");
   TORCH_CHECK(w.scalar_type() == at::kFloat || x.size(0) <= SKINNY_MAX_ROWS,
@@ -646,7 +648,7 @@ static Tensor decode_impl(const Tensor& h_in, const std::vector<Tensor>& norm1, 
     TORCH_CHECK(norm1[i].is_contiguous() && norm2[i].is_contiguous() && norm1[i].numel() == d &&
                     norm2[i].numel() == d && wqkv[i].size(0) == (H + 2 * KV) * D && cols(wqkv[i]) == d &&
                     wqkv[i].is_contiguous() && wo[i].is_contiguous() && wgu[i].is_contiguous() &&
-                    wdown[i].is_contiguous() && wo[i].size(0) == d && wdown[i].size(0) == d &&
+                    wdown[i].is_contiguous() && wo[i].size(0) == d && cols(wo[i]) == H * D && wdown[i].size(0) == d &&
                     cols(wgu[i]) == d && cols(wdown[i]) * 2 == wgu[i].size(0),
                 "decode_layers: layer ", i, " has unexpected or non-contiguous weights");
   const bool low = wqkv[0].scalar_type() != at::kFloat;
@@ -786,7 +788,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("layers_forward", &layers_forward, "packed Llama decoder layers (ATen ops, bitwise equal to Python)");
   m.def("decode_layers", &decode_layers, "packed Llama decoder layers for a few new tokens per row (fused loops)");
   m.def("decode_layers_ex", &decode_layers_ex,
-        "decode_layers with bfloat16 / int8 weights and per-row LoRA terms from adapter pools");
+        "decode_layers with low-precision weights, per-row LoRA terms from adapter pools, q8 activations");
   m.def("skinny_linear", &skinny_linear, "x @ w.T for a few rows of x, each weight row read once",
         py::arg("x"), py::arg("w"), py::arg("scale") = py::none(), py::arg("q8") = false);
 }
