@@ -11,8 +11,10 @@
   ``d`` and ``m``. :func:`from_gguf_q4_1` takes a GGUF file's Q4_1 blocks as they are.
 
 :func:`quantize` returns the stored form and its float32 dequantized copy: the C++ skinny kernel streams the stored
-form (decode steps), the ATen paths (prefills, more than 16 rows) multiply by the dequantized copy, so both run
-the same weights and differ only in float rounding.
+form (decode steps; :func:`kernel_args` gives its layout), prefills and steps of more than 16 rows multiply by the
+dequantized copy (oneDNN or ATen), so both run the same weights and differ only in float rounding. With ``q8``
+activations (``int8`` and ``q4``) the skinny kernel also rounds its inputs to int8 blocks
+(:func:`quantize_activations_q8`; the math in :func:`q8_linear_reference`).
 """
 
 from __future__ import annotations
