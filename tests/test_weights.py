@@ -101,6 +101,21 @@ def test_skinny_kernel_equals_dequantized_matmul(tiny, fmt, rows):
         be.native.skinny_linear(torch.randn(17, K), *kernel_args(q))
 
 
+def _adapter_registry(model, tmp_path):
+    """A registry holding adapter "a": a random PEFT LoRA (rank 4) on q_proj and down_proj, saved as a folder."""
+    import copy
+
+    peft = pytest.importorskip("peft")
+    from workbench.lora import AdapterRegistry
+
+    torch.manual_seed(0)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
+    peft.get_peft_model(copy.deepcopy(model), cfg).save_pretrained(tmp_path / "a")
+    reg = AdapterRegistry(model)
+    reg.add("a", tmp_path / "a")
+    return reg
+
+
 def test_q8_activations_quantize_per_block_of_32():
     x = torch.randn(3, 96) * torch.tensor([0.01, 1.0, 40.0]).repeat_interleave(32)  # blocks of very different scale
     x[1, 32:64] = 0.0  # an all-zero block: scale 0, codes 0
@@ -139,17 +154,8 @@ def test_skinny_kernel_with_q8_activations_equals_integer_reference(tiny, fmt, r
 def test_q8_activations_through_the_engine(tiny, fmt, tmp_path):
     """Decode steps on q8 activations stay close to float activations on the same weights, and residual offsets and
     LoRA terms still take effect (each changes the logits by far more than the inputs' rounding)."""
-    import copy
-
-    peft = pytest.importorskip("peft")
-    from workbench.lora import AdapterRegistry
-
     model, tok = tiny
-    torch.manual_seed(0)
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
-    peft.get_peft_model(copy.deepcopy(model), cfg).save_pretrained(tmp_path / "a")
-    reg = AdapterRegistry(model)
-    reg.add("a", tmp_path / "a")
+    reg = _adapter_registry(model, tmp_path)
     vec = 4 * torch.randn(model.config.hidden_size)
     engines = {act: Engine(model, tok, weights=fmt, activations=act, adapters=reg, threads=None)
                for act in ("fp32", "q8")}
@@ -277,17 +283,8 @@ def test_model_parameters_untouched_and_edits_requantized(fmt):
 def test_offsets_and_adapters_on_low_precision_weights(tiny, fmt, tmp_path):
     """Residual offsets (one C++ call per layer) and LoRA terms (decode_layers_ex) on a low-precision format
     equal the Python loop on the same weights."""
-    import copy
-
-    peft = pytest.importorskip("peft")
-    from workbench.lora import AdapterRegistry
-
     model, tok = tiny
-    torch.manual_seed(0)
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
-    peft.get_peft_model(copy.deepcopy(model), cfg).save_pretrained(tmp_path / "a")
-    reg = AdapterRegistry(model)
-    reg.add("a", tmp_path / "a")
+    reg = _adapter_registry(model, tmp_path)
     vec = torch.randn(model.config.hidden_size)
     out = []
     for backend in (PackedLlamaBackend(model, weights=fmt), PackedLlamaBackend(model, native=False, weights=fmt)):
