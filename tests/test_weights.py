@@ -11,7 +11,13 @@ import torch
 from workbench.engine import Engine
 from workbench.engine.backends import PackedLlamaBackend
 from workbench.engine.config import GREEDY, GenerationConfig
-from workbench.engine.weights import FORMATS, kernel_args, q8_linear_reference, quantize, quantize_activations_q8
+from workbench.engine.weights import (
+    FORMATS,
+    kernel_args,
+    q8_linear_reference,
+    quantize,
+    quantize_activations_q8,
+)
 from workbench.models.tiny import build_tiny
 
 LOW = [f for f in FORMATS if f != "fp32"]

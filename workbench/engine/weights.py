@@ -60,7 +60,7 @@ def quantize_activations_q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return q.reshape(M, K), d
 
 
-def q8_linear_reference(x: torch.Tensor, q: "Quantized") -> torch.Tensor:
+def q8_linear_reference(x: torch.Tensor, q: Quantized) -> torch.Tensor:
     """``x @ w.T`` as the skinny kernel computes it with ``q8`` activations, in float64: per block, the exact
     integer dot product times the scales (int8: the row scale times dx; q4: ``d * dx * sum(qx q) + m *
     sum(x)``, the minimum's term on the unrounded block sum of x)."""
