@@ -178,8 +178,8 @@ class _Layer:
 def _linear(ly: _Layer, name: str, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``x @ W.T + b`` for matrix ``name`` of ``ly``: through its oneDNN-prepacked copy when it has one (the same
     values; prefills of the low-precision formats), else ``F.linear`` (bitwise HF's, fp32)."""
-    packed = ly.prepacked.get(name) if ly.prepacked else None
-    if packed is None or bias is not None or x.dtype != torch.float32:
+    packed = ly.prepacked.get(name) if ly.prepacked else None  # biased matrices are never prepacked
+    if packed is None:
         return F.linear(x, getattr(ly, name), bias)
     return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
@@ -271,14 +271,16 @@ class PackedLlamaBackend:
 
     def _check_q8_shapes(self, model) -> None:
         """q8 activations come in blocks of 32: every matmul input size must be a multiple of 32."""
+        from workbench.engine.weights import Q4_BLOCK
+
         cfg = model.config
         heads = cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         inputs = {cfg.hidden_size, heads * head_dim, cfg.intermediate_size}
-        bad = sorted(k for k in inputs if k % 32)
+        bad = sorted(k for k in inputs if k % Q4_BLOCK)
         if bad:
-            raise ValueError(f"activations='q8' needs matmul inputs in whole blocks of 32; this model has inputs of "
-                             f"{bad}")
+            raise ValueError(f"activations='q8' needs matmul inputs in whole blocks of {Q4_BLOCK}; this model has "
+                             f"inputs of {bad}")
 
     @classmethod
     def unsupported(cls, model) -> str | None:

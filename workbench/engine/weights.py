@@ -74,8 +74,7 @@ def q8_linear_reference(x: torch.Tensor, q: Quantized) -> torch.Tensor:
     if q.stored.dtype != torch.uint8:
         raise ValueError(f"q8 activations multiply int8 or q4 weights, not {q.stored.dtype}")
     N = q.stored.shape[0]
-    nib = q.stored.reshape(N, nb, 16)
-    wq = torch.cat([nib & 0x0F, nib >> 4], -1).double().reshape(1, N, nb, Q4_BLOCK)
+    wq = _q4_codes(q.stored, N, nb).double().reshape(1, N, nb, Q4_BLOCK)
     d, m = q.scale[..., 0].double(), q.scale[..., 1].double()
     xsum = x.double().reshape(M, 1, nb, Q4_BLOCK).sum(-1)
     return ((xb * wq).sum(-1) * d * dx.double()[:, None] + m * xsum).sum(-1)
@@ -134,9 +133,14 @@ def _pack_q4(q: torch.Tensor, dm: torch.Tensor) -> Quantized:
 def dequantize_q4(packed: torch.Tensor, dm: torch.Tensor) -> torch.Tensor:
     """The float32 weights [N, K] of the stored ``q4`` form (``d * q + m``, GGUF's dequantization)."""
     N, nb = dm.shape[:2]
-    b = packed.view(N, nb, 16)
-    q = torch.cat([b & 0x0F, b >> 4], -1).float()
+    q = _q4_codes(packed, N, nb).float()
     return (q * dm[..., :1] + dm[..., 1:]).reshape(N, nb * Q4_BLOCK).contiguous()
+
+
+def _q4_codes(packed: torch.Tensor, N: int, nb: int) -> torch.Tensor:
+    """The 4-bit codes ``q`` [N, nb, 32] (uint8, 0..15) of the stored ``q4`` form, in element order."""
+    b = packed.view(N, nb, 16)
+    return torch.cat([b & 0x0F, b >> 4], -1)
 
 
 def _quantize_q4(w: torch.Tensor) -> Quantized:
