@@ -1,15 +1,29 @@
-"""ROME hyperparameter sweep on SmolLM2-135M: layer, then clamp / KL factor / steps at the best layer.
+"""ROME hyperparameter sweep on SmolLM2-135M, on facts kept apart from the evaluation set.
 
-On a subset of the fact set (round-robin over relations), each configuration edits every fact alone (ROME,
-``workbench.surgery.Editor``), measures it (``workbench.surgery.metrics.evaluate_requests`` against the
-unedited model) and undoes it. Stage 1 tries each layer of ``--layers`` (default: the MLP peak region of
-``trace_smollm2.json``, else 4..8) at the defaults; stage 2 varies one of ``clamp_norm_factor``, ``kl_factor``
-and ``v_steps`` at a time at the best layer. Configurations are ranked by the mean of the three greedy rates
-(edit prompt, paraphrases, neighbourhood unchanged), ties broken by the ROME scores.
+The evaluation set is the ``--eval-size`` facts ``edit_smollm2.py --limit N`` edits (round-robin over
+relations); the sweep uses the other facts of ``experiments/data/smollm2_facts.jsonl`` (``--limit`` of them,
+round-robin), so the chosen defaults are not fitted to the facts that measure them.
 
-    .venv/bin/python experiments/sweep_edit_smollm2.py [--limit 20] [--layers 4 6 8]
+- **Stage 0, key specificity (no edit).** For each layer of ``--specificity-layers`` and every sweep fact:
+  ROME's update adds ``ρ δ`` at a position whose key is ``k``, with ``ρ = uᵀk / uᵀk*`` and ``u = C⁻¹k*``.
+  Reported: the mean ``ρ`` at the subject's last token of the bare edit prompt and of the paraphrases (the
+  edit should reach them: ρ near 1) and the largest ``|ρ|`` over the positions of each neighbourhood prompt
+  (it should not: ρ near 0), and their ratio. This tells which of the layers causal tracing points to keep
+  subjects apart.
+- **Stage 1.** ``--reference`` (layer 6 with subject-token values, the previous defaults), then each layer of
+  ``--layers`` with each value mode of ``--values`` (``subject``: δ at the subject's last token, Meng et al.
+  2022; ``update``: δ optimised through the rank-one update, ``value_through_update``).
+- **Stage 2.** At the best of stage 1, one of ``clamp_norm_factor``, ``kl_factor`` and ``v_steps`` varied at a
+  time.
 
-writes experiments/results/editing/sweep_smollm2.json and prints a table and the chosen defaults.
+Each configuration edits every sweep fact alone (``workbench.surgery.Editor``), measures it
+(``workbench.surgery.metrics.evaluate_requests`` against the unedited model) and undoes it. Configurations are
+ranked by the number of ROME targets met (greedy edit >= 0.95, paraphrase >= 0.80, neighbourhood unchanged
+>= 0.90), then the mean of the three greedy rates, then the ROME scores.
+
+    .venv/bin/python experiments/sweep_edit_smollm2.py [--limit 12] [--layers 2 3 4 6]
+
+writes experiments/results/editing/sweep_smollm2.json and prints the tables and the chosen defaults.
 """
 
 from __future__ import annotations
@@ -20,23 +34,83 @@ import time
 from pathlib import Path
 
 import torch
+from edit_smollm2 import SINGLE_TARGETS
 from provenance import provenance, write_json  # experiments/ is the script's folder
 from trace_facts_smollm2 import pick
 
 OUT = Path("experiments/results/editing")
 BASE = {"clamp_norm_factor": 4.0, "kl_factor": 0.0625, "v_steps": 25}
+VALUE_MODES = {"subject": False, "update": True}
+
+
+def split(reqs, eval_size: int) -> tuple[list, list]:
+    """(evaluation facts, sweep facts): the first ``eval_size`` round-robin, and the rest."""
+    ev = pick(reqs, eval_size)
+    ids = {r.case_id for r in ev}
+    return ev, [r for r in reqs if r.case_id not in ids]
 
 
 def rank_key(row: dict) -> tuple:
     g, r = row["greedy"], row["rome"]
-    greedy = (g["rewrite_greedy"] + (g["rephrase_greedy"] or 0) + (g["neighborhood_greedy"] or 0)) / 3
+    rates = [g["rewrite_greedy"], g["rephrase_greedy"] or 0, g["neighborhood_greedy"] or 0]
+    met = sum(v >= SINGLE_TARGETS[k] for k, v in zip(SINGLE_TARGETS, rates, strict=True))
     rome = (r["efficacy_score"] + (r["paraphrase_score"] or 0) + (r["neighborhood_score"] or 0)) / 3
-    return (round(greedy, 6), round(rome, 6))
+    return (met, round(sum(rates) / 3, 6), round(rome, 6))
+
+
+@torch.no_grad()
+def _keys_all_positions(model, tok, layers, texts) -> tuple[dict, torch.Tensor]:
+    from workbench.interp.hooks import Hooks
+    from workbench.surgery.requests import prompt_ids
+
+    seqs = [prompt_ids(tok, t) for t in texts]
+    width = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
+    got: dict = {}
+    hooks = [(f"blocks.{layer}.mlp.hook_post", lambda a, h, layer=layer: got.__setitem__(layer, a.float()))
+             for layer in layers]
+    with Hooks(model, hooks):
+        model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
+    return got, mask
+
+
+def specificity(model, tok, reqs, layers, stats, prefixes) -> list[dict]:
+    """Stage 0 (see the module doc): per layer, mean ρ at the edit and paraphrase prompts' subject and the
+    mean over neighbourhood prompts of the largest |ρ| over their positions."""
+    from workbench.surgery.compute import compute_keys, subject_index
+    from workbench.surgery.rome import key_direction
+
+    acc = {layer: {"bare": [], "paraphrase": [], "neighbour_max": []} for layer in layers}
+    covs = {layer: stats.second_moment(layer, 1e-4) for layer in layers}
+    for req in reqs:
+        texts = [req.text, *req.rephrase_prompts, *[p for p, _ in req.locality]]
+        got, mask = _keys_all_positions(model, tok, layers, texts)
+        n_para = len(req.rephrase_prompts)
+        at_subject = []  # (row, token) of the subject's last token in the edit prompt and paraphrases
+        for row, text in enumerate(texts[: 1 + n_para]):
+            j = text.find(req.subject)
+            if j >= 0:
+                at_subject.append((row, subject_index(tok, text, j + len(req.subject))))
+        for layer in layers:
+            u = key_direction(compute_keys(model, tok, layer, [req], prefixes)[0], covs[layer]).float()
+            rho = (got[layer] @ u) * mask  # [prompts, positions]
+            for row, t in at_subject:
+                acc[layer]["bare" if row == 0 else "paraphrase"].append(float(rho[row, t]))
+            acc[layer]["neighbour_max"] += rho[1 + n_para:].abs().max(dim=1).values.tolist()
+    rows = []
+    for layer in layers:
+        m = {k: sum(v) / len(v) for k, v in acc[layer].items() if v}
+        m["ratio"] = m["neighbour_max"] / m["paraphrase"]
+        rows.append({"layer": layer, **m})
+    return rows
 
 
 def run_config(model, tok, reqs, reference, overrides: dict, stats) -> dict:
     from workbench.surgery.edit import Editor
-    from workbench.surgery.metrics import evaluate_requests
+    from workbench.surgery.metrics import EditMetrics, evaluate_requests
 
     editor = Editor(model, tok, method="rome", hparams=overrides, stats=stats, progress=False)
     per, t0, info = [], time.time(), []
@@ -47,8 +121,6 @@ def run_config(model, tok, reqs, reference, overrides: dict, stats) -> dict:
             info.append({k: res.info["requests"][0][k] for k in ("nll_start", "nll", "steps", "delta_norm")})
         finally:
             res.undo()
-    from workbench.surgery.metrics import EditMetrics
-
     m = EditMetrics(per, has_reference=True).to_dict()
     return {"overrides": overrides, "seconds": time.time() - t0, "easyedit": m["easyedit"], "rome": m["rome"],
             "greedy": m["greedy"], "value_opt": info,
@@ -59,11 +131,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-m", "--model", default="smollm2-135m-instruct")
     ap.add_argument("--facts", type=Path, default=Path("experiments/data/smollm2_facts.jsonl"))
-    ap.add_argument("--limit", type=int, default=20, help="facts in the subset")
-    ap.add_argument("--layers", type=int, nargs="*", default=None)
-    ap.add_argument("--clamps", type=float, nargs="*", default=[2.0, 8.0])
+    ap.add_argument("--eval-size", type=int, default=60, help="facts kept for edit_smollm2.py --limit N")
+    ap.add_argument("--limit", type=int, default=12, help="sweep facts (of the others)")
+    ap.add_argument("--specificity-layers", type=int, nargs="*", default=list(range(13)))
+    ap.add_argument("--layers", type=int, nargs="*", default=None,
+                    help="stage 1 layers (default: the MLP peak region of --trace, else 4..8)")
+    ap.add_argument("--values", nargs="*", default=list(VALUE_MODES), choices=list(VALUE_MODES))
+    ap.add_argument("--reference", type=int, default=6,
+                    help="also run this layer with subject-token values first (default 6: the previous defaults)")
+    ap.add_argument("--clamps", type=float, nargs="*", default=[1.0, 2.0])
     ap.add_argument("--kls", type=float, nargs="*", default=[0.5])
-    ap.add_argument("--steps", type=int, nargs="*", default=[10])
+    ap.add_argument("--steps", type=int, nargs="*", default=[40])
     ap.add_argument("--trace", type=Path, default=OUT / "trace_smollm2.json")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
@@ -71,6 +149,8 @@ def main() -> None:
     args = ap.parse_args()
 
     import workbench
+    from workbench.surgery.compute import context_prefixes
+    from workbench.surgery.hparams import ROMEHparams
     from workbench.surgery.metrics import reference_predictions
     from workbench.surgery.requests import load_requests
     from workbench.surgery.stats import compute_stats
@@ -84,33 +164,52 @@ def main() -> None:
         layers, source = json.loads(args.trace.read_text())["mlp_peak_region"], str(args.trace)
     if not layers:
         layers, source = [4, 5, 6, 7, 8], "fallback"
-    reqs = pick(load_requests(args.facts), args.limit)
+    evaluation, rest = split(load_requests(args.facts), args.eval_size)
+    reqs = pick(rest, args.limit)
     reference = reference_predictions(model, tok, reqs)
-    variants = ([("clamp_norm_factor", c) for c in args.clamps] + [("kl_factor", k) for k in args.kls]
-                + [("v_steps", s) for s in args.steps])
-    stats = compute_stats(model, tok, sorted(set(layers)), progress=False)
-    rows = []
+    hp0 = ROMEHparams()
+    stats = compute_stats(model, tok, sorted(set(layers) | set(args.specificity_layers)), corpus=hp0.stats.corpus,
+                          tokens=hp0.stats.tokens, progress=False)
+    rows: list[dict] = []
     result = {"model": args.model, "n_facts": len(reqs), "case_ids": [r.case_id for r in reqs],
-              "layers": layers, "layers_from": source, "base": BASE, "configs": rows}
+              "evaluation_case_ids": [r.case_id for r in evaluation], "layers": layers, "layers_from": source,
+              "base": BASE, "configs": rows}
+
+    t0 = time.time()
+    spec_reqs = pick(rest, None)
+    prefixes = context_prefixes(model, tok, hp0.n_prefixes, hp0.prefix_len, hp0.seed)
+    result["specificity"] = specificity(model, tok, spec_reqs, args.specificity_layers, stats, prefixes)
+    result["specificity_facts"] = len(spec_reqs)
+    print(f"stage 0: key specificity over {len(spec_reqs)} facts ({time.time() - t0:.0f} s)")
+    print(f"{'layer':>6}{'rho edit':>10}{'rho para':>10}{'|rho| neigh':>13}{'neigh/para':>12}")
+    for s in result["specificity"]:
+        print(f"{s['layer']:>6}{s['bare']:>10.3f}{s['paraphrase']:>10.3f}{s['neighbour_max']:>13.3f}{s['ratio']:>12.3f}")
+    write_json(args.out, {**provenance(), **result})
 
     def show(row):
         g, r = row["greedy"], row["rome"]
-        print(f"{json.dumps(row['overrides']):<58}{g['rewrite_greedy']:>8.2f}{g['rephrase_greedy']:>8.2f}"
-              f"{g['neighborhood_greedy']:>8.2f}{r['efficacy_score']:>8.2f}{r['paraphrase_score']:>8.2f}"
-              f"{r['neighborhood_score']:>8.2f}{row['seconds']:>8.0f}", flush=True)
+        print(f"{json.dumps(row['overrides']):<104}{g['rewrite_greedy']:>7.2f}{g['rephrase_greedy']:>7.2f}"
+              f"{g['neighborhood_greedy']:>7.2f}{r['efficacy_score']:>7.2f}{r['paraphrase_score']:>7.2f}"
+              f"{r['neighborhood_score']:>7.2f}{row['seconds']:>7.0f}", flush=True)
 
-    print(f"{'config':<58}{'edit':>8}{'para':>8}{'neigh':>8}{'eff_s':>8}{'par_s':>8}{'nei_s':>8}{'s':>8}")
+    def run(overrides):
+        rows.append(run_config(model, tok, reqs, reference, overrides, stats))
+        show(rows[-1])
+        write_json(args.out, {**provenance(), **result})
+
+    print(f"\nstages 1-2: ROME on {len(reqs)} facts (case ids {result['case_ids']})")
+    print(f"{'config':<104}{'edit':>7}{'para':>7}{'neigh':>7}{'eff_s':>7}{'par_s':>7}{'nei_s':>7}{'s':>7}")
+    if args.reference is not None:  # the previous defaults, for comparison
+        run({"layer": args.reference, "value_through_update": False, **BASE})
     for layer in layers:
-        rows.append(run_config(model, tok, reqs, reference, {"layer": layer, **BASE}, stats))
-        show(rows[-1])
-        write_json(args.out, {**provenance(), **result})
-    best_layer = max(rows, key=rank_key)["overrides"]["layer"]
-    for name, value in variants:
-        if BASE[name] == value:
-            continue
-        rows.append(run_config(model, tok, reqs, reference, {"layer": best_layer, **BASE, name: value}, stats))
-        show(rows[-1])
-        write_json(args.out, {**provenance(), **result})
+        for mode in args.values:
+            if not (layer == args.reference and mode == "subject"):
+                run({"layer": layer, "value_through_update": VALUE_MODES[mode], **BASE})
+    best = dict(max(rows, key=rank_key)["overrides"])
+    for name, values in (("clamp_norm_factor", args.clamps), ("kl_factor", args.kls), ("v_steps", args.steps)):
+        for value in values:
+            if best[name] != value:
+                run({**best, name: value})
     best = max(rows, key=rank_key)
     result["chosen"] = best["overrides"]
     result["chosen_scores"] = {"greedy": best["greedy"], "rome": best["rome"], "easyedit": best["easyedit"]}

@@ -159,8 +159,14 @@ class ValueResult:
     steps: int
 
 
-def compute_value(model, tok, layer: int, req: EditRequest, prefixes: list[str], hp) -> ValueResult:
-    """Optimise the value shift δ for one request at ``blocks.{layer}.hook_mlp_out`` (see the module doc)."""
+def compute_value(model, tok, layer: int, req: EditRequest, prefixes: list[str], hp,
+                  key_dir: torch.Tensor | None = None) -> ValueResult:
+    """Optimise the value shift δ for one request at ``blocks.{layer}.hook_mlp_out`` (see the module doc).
+
+    With ``key_dir`` (``[d_mlp]``, scaled so that ``key_dirᵀk* = 1``) δ is optimised through the rank-one
+    update ``ΔW = δ key_dirᵀ`` itself: every position of every context gets ``(key_dirᵀk) δ`` from its own
+    key ``k``, which is what the edited weights will add there, instead of δ at the subject's last token only.
+    """
     dev = device_of(model)
     t_ids = target_ids(tok, req.text, req.target_new)
     seqs, subj, tgt_pos = [], [], []
@@ -187,16 +193,26 @@ def compute_value(model, tok, layer: int, req: EditRequest, prefixes: list[str],
     delta = torch.zeros(d_model, device=dev, requires_grad=True)
     state: dict = {}
 
+    if key_dir is not None:
+        key_dir = key_dir.to(dev, torch.float32)
+
+    def read_key(act, _hook):
+        state["gain"] = (act.float() @ key_dir).unsqueeze(-1)  # [b, s, 1]: key_dirᵀk at every position
+
     def shift(act, _hook):
         if "init" not in state:
             state["init"] = act[0, subj[0]].detach().float().clone()
-        return act + onehot.to(act.dtype) * delta.to(act.dtype)
+        gain = onehot if key_dir is None else state.pop("gain") * mask.unsqueeze(-1)
+        return act + gain.to(act.dtype) * delta.to(act.dtype)
 
+    hooks = [(f"blocks.{layer}.hook_mlp_out", shift)]
+    if key_dir is not None:
+        hooks.insert(0, (f"blocks.{layer}.mlp.hook_post", read_key))
     opt = torch.optim.Adam([delta], lr=hp.v_lr)
     ref_logp = None
     nll_start = nll_val = float("nan")
     step = 0
-    with Hooks(model, [(f"blocks.{layer}.hook_mlp_out", shift)]):
+    with Hooks(model, hooks):
         for step in range(hp.v_steps + 1):
             logits = logits_at(model, ids, mask, torch.cat([rows, rows.new_tensor([b - 1])]),
                                torch.cat([cols, cols.new_tensor([ess_last])]))

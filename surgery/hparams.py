@@ -61,6 +61,8 @@ class ROMEHparams(ValueOpt):
     layer: int = 0
     stats: StatsConfig = field(default_factory=StatsConfig)
     ridge: float = 1e-4  # λ·tr(C)/d added to C before solving, for a well-posed inverse
+    # optimise δ through the rank-one update (every position gets (uᵀk) δ) rather than at the subject token only
+    value_through_update: bool = False
 
     @property
     def layers(self) -> list[int]:

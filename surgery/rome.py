@@ -19,11 +19,16 @@ import torch
 from workbench.surgery.compute import compute_keys, compute_value
 
 
+def key_direction(key: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+    """``C⁻¹k / (kᵀC⁻¹k)`` (float64): the right vector of ROME's update, scaled so that its product with ``k`` is 1."""
+    k, c = key.double(), cov.double().to(key.device)
+    u = torch.linalg.solve(c, k)
+    return u / (k @ u)
+
+
 def rome_update(key: torch.Tensor, residual: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
     """``[d_model, d_mlp]`` rank-one ``ΔW = r (C⁻¹k)ᵀ / (kᵀC⁻¹k)`` (float64)."""
-    k, r, c = key.double(), residual.double(), cov.double().to(key.device)
-    u = torch.linalg.solve(c, k)
-    return torch.outer(r, u) / (k @ u)
+    return torch.outer(residual.double(), key_direction(key, cov))
 
 
 def apply_rome(editor, requests, weights) -> dict:
@@ -33,8 +38,9 @@ def apply_rome(editor, requests, weights) -> dict:
     prefixes = editor.prefixes()
     info = []
     for req in requests:
-        val = compute_value(model, tok, layer, req, prefixes, hp)
         key = compute_keys(model, tok, layer, [req], prefixes)[0]
+        val = compute_value(model, tok, layer, req, prefixes, hp,
+                            key_dir=key_direction(key, cov) if hp.value_through_update else None)
         weights.add(layer, rome_update(key, val.delta, cov))
         info.append({"layer": layer, "nll_start": val.nll_start, "nll": val.nll, "steps": val.steps,
                      "delta_norm": float(val.delta.norm()), "key_norm": float(key.norm()),

@@ -185,6 +185,36 @@ def test_rome_writes_v_star_at_the_averaged_key(arch, stats_dir):
     assert torch.linalg.matrix_rank(d.double(), rtol=1e-6) == 1
 
 
+def _target_nll(model, tok, req, prefixes) -> float:
+    """Mean per-token NLL of ``target_new`` after the request in every prefixed context (no hooks)."""
+    total, n = 0.0, 0
+    for p in prefixes:
+        text = p + req.text
+        pid, tid = prompt_ids(tok, text), target_ids(tok, text, req.target_new)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([pid + tid])).logits[0].float(), -1)
+        total -= sum(float(logp[len(pid) - 1 + j, t]) for j, t in enumerate(tid))
+        n += len(tid)
+    return total / n
+
+
+@pytest.mark.parametrize("through", [True, False])
+def test_rome_value_through_update_predicts_the_edited_model(through, tiny_stats):
+    """With value_through_update the optimised loss is the edited model's own target NLL (δ reaches every
+    position as (uᵀk) δ, exactly what ΔW adds); δ at the subject token alone mispredicts it (the control)."""
+    m, tok = fresh()
+    hp = dict(VALUE, layer=1, n_prefixes=2, prefix_len=5, v_steps=6, stop_loss=0.0, clamp_norm_factor=4.0,
+              value_through_update=through)
+    res = edit_model(m, tok, [REQ], method="rome", hparams=hp, evaluate=False, stats=tiny_stats)
+    info = res.info["requests"][0]
+    after = _target_nll(m, tok, REQ, res.info["prefixes"])
+    assert info["nll"] < info["nll_start"] - 0.1  # the optimisation moved
+    if through:
+        assert after == pytest.approx(info["nll"], rel=1e-3, abs=1e-4)
+    else:
+        assert abs(after - info["nll"]) > 1e-2
+
+
 def test_memit_single_edit_single_layer_is_rome_scaled_by_the_regulariser(tiny_stats):
     """ΔW_MEMIT = ΔW_ROME · kᵀC⁻¹k / (λ + kᵀC⁻¹k) (Sherman–Morrison) for one request and one layer, same C."""
     hp = dict(VALUE, n_prefixes=2, prefix_len=5, ridge=1e-3)
