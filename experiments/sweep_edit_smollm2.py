@@ -10,7 +10,7 @@ round-robin), so the chosen defaults are not fitted to the facts that measure th
   edit should reach them: ρ near 1) and the largest ``|ρ|`` over the positions of each neighbourhood prompt
   (it should not: ρ near 0), and their ratio. This tells which of the layers causal tracing points to keep
   subjects apart.
-- **Stage 1.** ``--reference`` (layer 6 with subject-token values, the previous defaults), then each layer of
+- **Stage 1.** ``--reference`` layers with subject-token values (layer 6: the previous defaults), then each layer of
   ``--layers`` with each value mode of ``--values`` (``subject``: δ at the subject's last token, Meng et al.
   2022; ``update``: δ optimised through the rank-one update, ``value_through_update``).
 - **Stage 2.** At the best of stage 1, one of ``clamp_norm_factor``, ``kl_factor`` and ``v_steps`` varied at a
@@ -80,12 +80,17 @@ def _keys_all_positions(model, tok, layers, texts) -> tuple[dict, torch.Tensor]:
 def specificity(model, tok, reqs, layers, stats, prefixes) -> list[dict]:
     """Stage 0 (see the module doc): per layer, mean ρ at the edit and paraphrase prompts' subject and the
     mean over neighbourhood prompts of the largest |ρ| over their positions."""
-    from workbench.surgery.compute import compute_keys, subject_index
+    from workbench.surgery.compute import subject_index
     from workbench.surgery.rome import key_direction
 
     acc = {layer: {"bare": [], "paraphrase": [], "neighbour_max": []} for layer in layers}
     covs = {layer: stats.second_moment(layer, 1e-4) for layer in layers}
     for req in reqs:
+        # k*: the key at the subject's last token averaged over the prefixed prompts (as the editor computes it)
+        ctx = [p + req.text for p in prefixes]
+        keys, _ = _keys_all_positions(model, tok, layers, ctx)
+        last = torch.tensor([subject_index(tok, t, len(p) + req.template.index("{}") + len(req.subject))
+                             for t, p in zip(ctx, prefixes, strict=True)])
         texts = [req.text, *req.rephrase_prompts, *[p for p, _ in req.locality]]
         got, mask = _keys_all_positions(model, tok, layers, texts)
         n_para = len(req.rephrase_prompts)
@@ -95,7 +100,8 @@ def specificity(model, tok, reqs, layers, stats, prefixes) -> list[dict]:
             if j >= 0:
                 at_subject.append((row, subject_index(tok, text, j + len(req.subject))))
         for layer in layers:
-            u = key_direction(compute_keys(model, tok, layer, [req], prefixes)[0], covs[layer]).float()
+            k_star = keys[layer][torch.arange(len(ctx)), last].mean(0)
+            u = key_direction(k_star, covs[layer]).float()
             rho = (got[layer] @ u) * mask  # [prompts, positions]
             for row, t in at_subject:
                 acc[layer]["bare" if row == 0 else "paraphrase"].append(float(rho[row, t]))
@@ -137,8 +143,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, nargs="*", default=None,
                     help="stage 1 layers (default: the MLP peak region of --trace, else 4..8)")
     ap.add_argument("--values", nargs="*", default=list(VALUE_MODES), choices=list(VALUE_MODES))
-    ap.add_argument("--reference", type=int, default=6,
-                    help="also run this layer with subject-token values first (default 6: the previous defaults)")
+    ap.add_argument("--reference", type=int, nargs="*", default=[6],
+                    help="also run these layers with subject-token values first (default 6: the previous defaults)")
     ap.add_argument("--clamps", type=float, nargs="*", default=[1.0, 2.0])
     ap.add_argument("--kls", type=float, nargs="*", default=[0.5])
     ap.add_argument("--steps", type=int, nargs="*", default=[40])
@@ -199,11 +205,11 @@ def main() -> None:
 
     print(f"\nstages 1-2: ROME on {len(reqs)} facts (case ids {result['case_ids']})")
     print(f"{'config':<104}{'edit':>7}{'para':>7}{'neigh':>7}{'eff_s':>7}{'par_s':>7}{'nei_s':>7}{'s':>7}")
-    if args.reference is not None:  # the previous defaults, for comparison
-        run({"layer": args.reference, "value_through_update": False, **BASE})
+    for layer in args.reference:  # subject-token values (the previous defaults at layer 6), for comparison
+        run({"layer": layer, "value_through_update": False, **BASE})
     for layer in layers:
         for mode in args.values:
-            if not (layer == args.reference and mode == "subject"):
+            if not (layer in args.reference and mode == "subject"):
                 run({"layer": layer, "value_through_update": VALUE_MODES[mode], **BASE})
     best = dict(max(rows, key=rank_key)["overrides"])
     for name, values in (("clamp_norm_factor", args.clamps), ("kl_factor", args.kls), ("v_steps", args.steps)):
