@@ -16,7 +16,7 @@ from workbench.errors import UnknownNameError, WorkbenchError
 from workbench.models.tiny import build_tiny
 from workbench.surgery import Editor, EditRequest, edit_model, load_edit
 from workbench.surgery.compute import compute_keys, down_proj, down_weight
-from workbench.surgery.hparams import HparamsError
+from workbench.surgery.hparams import HparamsError, load_hparams
 from workbench.surgery.requests import BadRequestError, load_requests, prompt_ids, save_requests, target_ids
 from workbench.surgery.stats import compute_stats
 
@@ -544,8 +544,9 @@ def test_real_edit_eiffel_tower_to_rome(smollm2):
     rome_ids = target_ids(tok, req.text, "Rome")
     assert greedy(model, tok, req.text, 1) != rome_ids[:1]
     berlin = greedy(model, tok, unrelated, 2)
+    layer = load_hparams("rome", model).layer  # the SmolLM2 defaults file's layer
     res = edit_model(model, tok, [req], method="rome", evaluate=False,
-                     stats=compute_stats(model, tok, [6], tokens=20_000, progress=False))
+                     stats=compute_stats(model, tok, [layer], tokens=20_000, progress=False))
     try:
         assert greedy(model, tok, req.text, 1) == rome_ids[:1]
         assert greedy(model, tok, req.rephrase_prompts[0], 1) == rome_ids[:1]
