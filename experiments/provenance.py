@@ -16,11 +16,15 @@ LIBRARIES = ("torch", "transformers", "numpy", "triton")
 
 
 def git_commit(repo: Path = ROOT) -> str:
-    """HEAD's hash, with ``-dirty`` when tracked files differ from it (``unknown`` outside a checkout)."""
+    """HEAD's hash, with ``-dirty`` when tracked files differ from it (``unknown`` outside a checkout).
+
+    Files under ``experiments/results/`` do not count: scripts that write their results as they go rewrite
+    a tracked results file during the run, which changes nothing that is measured."""
     try:
         head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)experiments/results"],
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
