@@ -10,6 +10,10 @@ from the unprefixed prompt's key, an asymmetry that collapses models under seque
 al. 2024, arXiv 2403.07175) uses the one averaged key everywhere, which is what is done here. ``v* = W k* + δ``
 with ``δ`` from :func:`workbench.surgery.compute.compute_value`, so the residual is ``δ``. Several requests are
 applied one after the other, each with keys and values computed on the weights the previous one left.
+
+The update adds ``ρ δ`` at every position, ``ρ = uᵀk / uᵀk*`` with ``u = C⁻¹k*``; ``ρ`` averages to 1 over the
+contexts ``k*`` comes from but not in each. With ``value_through_update`` δ is optimised through the update
+itself (every position gets ``ρ δ`` during the optimisation), so the loss minimised is the edited model's.
 """
 
 from __future__ import annotations
