@@ -77,14 +77,14 @@ def _keys_all_positions(model, tok, layers, texts) -> tuple[dict, torch.Tensor]:
     return got, mask
 
 
-def specificity(model, tok, reqs, layers, stats, prefixes) -> list[dict]:
+def specificity(model, tok, reqs, layers, stats, prefixes, ridge: float) -> list[dict]:
     """Stage 0 (see the module doc): per layer, mean ρ at the edit and paraphrase prompts' subject and the
     mean over neighbourhood prompts of the largest |ρ| over their positions."""
     from workbench.surgery.compute import subject_index
     from workbench.surgery.rome import key_direction
 
     acc = {layer: {"bare": [], "paraphrase": [], "neighbour_max": []} for layer in layers}
-    covs = {layer: stats.second_moment(layer, 1e-4) for layer in layers}
+    covs = {layer: stats.second_moment(layer, ridge) for layer in layers}
     for req in reqs:
         # k*: the key at the subject's last token averaged over the prefixed prompts (as the editor computes it)
         ctx = [p + req.text for p in prefixes]
@@ -184,7 +184,7 @@ def main() -> None:
     t0 = time.time()
     spec_reqs = pick(rest, None)
     prefixes = context_prefixes(model, tok, hp0.n_prefixes, hp0.prefix_len, hp0.seed)
-    result["specificity"] = specificity(model, tok, spec_reqs, args.specificity_layers, stats, prefixes)
+    result["specificity"] = specificity(model, tok, spec_reqs, args.specificity_layers, stats, prefixes, hp0.ridge)
     result["specificity_facts"] = len(spec_reqs)
     print(f"stage 0: key specificity over {len(spec_reqs)} facts ({time.time() - t0:.0f} s)")
     print(f"{'layer':>6}{'rho edit':>10}{'rho para':>10}{'|rho| neigh':>13}{'neigh/para':>12}")

@@ -17,6 +17,7 @@ from workbench.models.tiny import build_tiny
 from workbench.surgery import Editor, EditRequest, edit_model, load_edit
 from workbench.surgery.compute import compute_keys, down_proj, down_weight
 from workbench.surgery.hparams import HparamsError, load_hparams
+from workbench.surgery.metrics import score_pairs
 from workbench.surgery.requests import BadRequestError, load_requests, prompt_ids, save_requests, target_ids
 from workbench.surgery.stats import compute_stats
 
@@ -187,15 +188,8 @@ def test_rome_writes_v_star_at_the_averaged_key(arch, stats_dir):
 
 def _target_nll(model, tok, req, prefixes) -> float:
     """Mean per-token NLL of ``target_new`` after the request in every prefixed context (no hooks)."""
-    total, n = 0.0, 0
-    for p in prefixes:
-        text = p + req.text
-        pid, tid = prompt_ids(tok, text), target_ids(tok, text, req.target_new)
-        with torch.no_grad():
-            logp = torch.log_softmax(model(input_ids=torch.tensor([pid + tid])).logits[0].float(), -1)
-        total -= sum(float(logp[len(pid) - 1 + j, t]) for j, t in enumerate(tid))
-        n += len(tid)
-    return total / n
+    scores = score_pairs(model, tok, [(p + req.text, req.target_new) for p in prefixes])
+    return -sum(s.logp for s in scores) / sum(s.n for s in scores)
 
 
 @pytest.mark.parametrize("through", [True, False])
