@@ -20,10 +20,13 @@ test: setup
 test-all: setup
 	$(VENV)/bin/pytest -m "not gpu"
 
-# On a CUDA machine: the GPU tests, every kernel test on CUDA, then the kernel benchmark (prints a table).
+# On a CUDA machine: the GPU tests, every kernel test on CUDA, then the kernel benchmark and the decode
+# benchmark with CUDA graphs (print tables; the decode numbers go to a JSON that names the GPU).
 test-gpu: setup
 	$(VENV)/bin/pytest tests/test_gpu.py tests/test_kernels.py
 	$(PY) experiments/bench_kernels.py
+	$(PY) experiments/bench_decode.py --device cuda --threads 1 --batch 1 8 --repeats 3 \
+		--json experiments/results/bench_decode_cuda.json
 
 lint: setup
 	$(VENV)/bin/ruff check .

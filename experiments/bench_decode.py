@@ -3,7 +3,9 @@
 Runs are interleaved (engine, engine on the ``hf`` backend, HF, engine, ...) so drift affects all; prints a
 table and writes JSON. Greedy, EOS ignored so every run produces exactly ``--new-tokens`` tokens per request,
 and the engine's tokens are checked against HF's. ``bound`` is HF's time per step over the time of the weight
-matmuls alone: the largest speed-up any forward with the same fp32 weights could reach on this machine.
+matmuls alone: the largest speed-up any forward with the same fp32 weights could reach on this machine. On
+CUDA the engine also runs with ``graphs="cuda"`` (each decode step replayed from one captured CUDA graph;
+``engine_cuda_graphs``), and the JSON names the GPU.
 
     .venv/bin/python experiments/bench_decode.py --repeats 2 --new-tokens 48 \
         --json experiments/results/bench_decode.json   # the committed results
@@ -66,14 +68,17 @@ def run(args) -> dict:
         if getattr(engines["engine"].backend, "native", None) is not None:  # the same backend, Python layer loop
             engines["engine_python_layers"] = Engine(model, tok, threads=policy,
                                                      backend=PackedLlamaBackend(model, native=False))
+        if model.device.type == "cuda":
+            engines["engine_cuda_graphs"] = Engine(model, tok, threads=policy, backend="hf", graphs="cuda")
         for batch in args.batch:
             ids = [prompt_ids(tok, [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]) for i in range(batch)]
             enc = tok.pad({"input_ids": ids}, return_tensors="pt").to(model.device)
             times = {name: [] for name in [*engines, "hf"]}
+            outs = {}
             for rep in range(args.repeats + 1):  # first round is warm-up
                 for name, eng in engines.items():
                     t0 = time.perf_counter()
-                    out = eng.generate(ids, cfg)
+                    outs[name] = eng.generate(ids, cfg)
                     if rep:
                         times[name].append(time.perf_counter() - t0)
                 t0 = time.perf_counter()
@@ -82,17 +87,22 @@ def run(args) -> dict:
                                          do_sample=False, pad_token_id=tok.pad_token_id)
                 if rep:
                     times["hf"].append(time.perf_counter() - t0)
-                same = all(_prefix_equal(o.token_ids, r, tok.eos_token_id)
-                           for o, r in zip(out, ref[:, enc["input_ids"].shape[1]:].tolist(), strict=True))
+                hf_ids = ref[:, enc["input_ids"].shape[1]:].tolist()
+                same = {name: all(_prefix_equal(o.token_ids, r, tok.eos_token_id) for o, r in zip(out, hf_ids, strict=True))
+                        for name, out in outs.items()}
             toks = batch * args.new_tokens
             med = {k: statistics.median(v) for k, v in times.items()}
             row = {"threads": threads, "batch": batch, "new_tokens": args.new_tokens,
                    "backend": engines["engine"].backend.name, "engine_tok_s": toks / med["engine"],
                    "engine_hf_backend_tok_s": toks / med["engine_hf_backend"], "hf_tok_s": toks / med["hf"],
-                   "ratio": med["hf"] / med["engine"], "greedy_tokens_equal_hf": same, "repeats": args.repeats,
+                   "ratio": med["hf"] / med["engine"], "greedy_tokens_equal_hf": same["engine"],
+                   "greedy_equal_hf_by_engine": same, "repeats": args.repeats,
                    "native_layers": getattr(engines["engine"].backend, "native", None) is not None}
-            if "engine_python_layers" in med:
-                row["engine_python_layers_tok_s"] = toks / med["engine_python_layers"]
+            for name in ("engine_python_layers", "engine_cuda_graphs"):
+                if name in med:
+                    row[f"{name}_tok_s"] = toks / med[name]
+            if "engine_cuda_graphs" in med:
+                row["cuda_graphs_ratio_vs_hf_backend"] = med["engine_hf_backend"] / med["engine_cuda_graphs"]
             backend = engines["engine"].backend
             if hasattr(backend, "layers") and model.device.type == "cpu":
                 with num_threads(threads):
@@ -100,7 +110,8 @@ def run(args) -> dict:
                 row["matmul_floor_ms_per_step"] = floor
                 row["ratio_bound"] = (med["hf"] / args.new_tokens * 1000) / floor
             rows.append(row)
-    return {"model": args.model, "device": str(model.device),
+    gpu = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else None
+    return {"model": args.model, "device": str(model.device), "gpu": gpu,
             "machine": f"{platform.machine()} {cpu_name()} {torch.get_num_threads()} torch threads max",
             "torch": torch.__version__, "rows": rows}
 
@@ -118,12 +129,12 @@ def main() -> None:
     args = ap.parse_args()
     out = run(args)
     print(f"{'threads':>7} {'batch':>5} {'backend':>13} {'engine tok/s':>13} {'hf-backend tok/s':>17} "
-          f"{'py-layers tok/s':>16} {'HF tok/s':>9} {'ratio':>6} {'bound':>6} {'same':>5}")
+          f"{'py-layers tok/s':>16} {'graphs tok/s':>13} {'HF tok/s':>9} {'ratio':>6} {'bound':>6} {'same':>5}")
     for r in out["rows"]:
         print(f"{r['threads']:>7} {r['batch']:>5} {r['backend']:>13} {r['engine_tok_s']:>13.1f} "
               f"{r['engine_hf_backend_tok_s']:>17.1f} {r.get('engine_python_layers_tok_s', float('nan')):>16.1f} "
-              f"{r['hf_tok_s']:>9.1f} {r['ratio']:>6.2f} "
-              f"{r.get('ratio_bound', float('nan')):>6.2f} {str(r['greedy_tokens_equal_hf']):>5}")
+              f"{r.get('engine_cuda_graphs_tok_s', float('nan')):>13.1f} {r['hf_tok_s']:>9.1f} {r['ratio']:>6.2f} "
+              f"{r.get('ratio_bound', float('nan')):>6.2f} {str(all(r['greedy_equal_hf_by_engine'].values())):>5}")
     write_json(args.json, {**provenance(), **out})
 
 

@@ -41,9 +41,11 @@ def cases() -> Iterator[tuple[str, Callable, dict]]:
     f32, i32, i64 = torch.float32, torch.int32, torch.int64
     for dt in (torch.float32, torch.bfloat16, torch.float16):
         tag = str(dt).removeprefix("torch.")
-        yield (f"sampling {tag}", sampling._kernel, dict(
-            logits_ptr=dt, stride=1, temp_ptr=f32, topk_ptr=i32, topp_ptr=f32, minp_ptr=f32, seed_ptr=i64,
-            out_ptr=i64, offset=1, V=1, BLOCK=("c", 1024), ROUNDS=("c", sampling.MAX_ROUNDS)))
+        for on_device in (False, True):  # the step counter as an argument, or read from a device buffer
+            yield (f"sampling {tag} offset_ptr={on_device}", sampling._kernel, dict(
+                logits_ptr=dt, stride=1, temp_ptr=f32, topk_ptr=i32, topp_ptr=f32, minp_ptr=f32, seed_ptr=i64,
+                out_ptr=i64, offset=i64 if on_device else 1, V=1, BLOCK=("c", 1024),
+                ROUNDS=("c", sampling.MAX_ROUNDS), OFFSET_PTR=("c", on_device)))
         yield (f"rope {tag}", rope._kernel, dict(
             q_ptr=dt, k_ptr=dt, qo_ptr=dt, ko_ptr=dt, pos_ptr=i64, freq_ptr=f32, factor=1.0, H=1, KV=1, T=1,
             sqb=1, sqh=1, sqt=1, skb=1, skh=1, skt=1, HALF=("c", 64), BLOCK=("c", 64)))

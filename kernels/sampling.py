@@ -98,8 +98,13 @@ def _kernel():
 
     @triton.jit
     def sample_kernel(logits_ptr, stride, temp_ptr, topk_ptr, topp_ptr, minp_ptr, seed_ptr, out_ptr, offset, V,
-                      BLOCK: tl.constexpr, ROUNDS: tl.constexpr):
+                      BLOCK: tl.constexpr, ROUNDS: tl.constexpr, OFFSET_PTR: tl.constexpr):
         row = tl.program_id(0)
+        if OFFSET_PTR:  # noqa: SIM108 (a constexpr branch: only one side is compiled)
+            # the step counter read on the device (a captured graph replays it from one buffer)
+            step = tl.load(offset).to(tl.int32)
+        else:
+            step = offset
         base = logits_ptr + row.to(tl.int64) * stride
         temp = tl.load(temp_ptr + row)
         k = tl.load(topk_ptr + row)
@@ -138,7 +143,7 @@ def _kernel():
         done = ((temp <= 0) | (bad > 0) | (m == -inf)).to(tl.int32)  # int32: the loop reassigns it
         for r in range(ROUNDS):
             if done == 0:
-                u = tl.rand(seed, offset * ROUNDS + r)
+                u = tl.rand(seed, step * ROUNDS + r)
                 # mass above the pivot, then the inverse-CDF draw in index order (no sort needed)
                 z = 0.0
                 for start in range(0, V, BLOCK):
@@ -185,12 +190,42 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seeds=0, offs
     """Draw one token per row: ``[B]`` int64 (-1 for invalid rows). ``offset``: a step counter, so the same
     seeds give fresh draws at each decode step. ``impl``: ``auto`` (Triton on CUDA), ``triton`` or ``torch``."""
     temperature, top_k, top_p, min_p, seeds = _params(logits, temperature, top_k, top_p, min_p, seeds)
-    check(offset >= 0, f"offset must be >= 0, got {offset}")
+    check(not isinstance(offset, torch.Tensor) and offset >= 0, f"offset must be an int >= 0, got {offset}")
     if resolve_impl(impl, logits) == "torch":
         return sample_reference(logits, temperature, top_k, top_p, min_p, seeds, offset)
     logits = logits if logits.stride(1) == 1 else logits.contiguous()
     out = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
-    block = 1024 if logits.shape[1] >= 1024 else max(16, 1 << (logits.shape[1] - 1).bit_length())
-    _kernel()[(logits.shape[0],)](logits, logits.stride(0), temperature, top_k, top_p, min_p, seeds, out, offset,
-                                  logits.shape[1], BLOCK=block, ROUNDS=MAX_ROUNDS)
+    return launch(logits, temperature, top_k, top_p, min_p, seeds, offset, out)
+
+
+def prepare(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seeds=0):
+    """The per-row parameter tensors :func:`launch` takes, checked (values included) against ``logits``
+    ``[B, V]``: ``(temperature, top_k, top_p, min_p, seeds)``."""
+    return _params(logits, temperature, top_k, top_p, min_p, seeds)
+
+
+def launch(logits, temperature, top_k, top_p, min_p, seeds, offset, out) -> torch.Tensor:
+    """The Triton kernel alone, writing ``out`` ``[B]`` int64: parameters from :func:`prepare`, ``offset`` an int
+    or a one-element int64 tensor on the logits' device that the kernel reads (a step counter a CUDA graph can
+    advance between replays). Only shapes, dtypes and devices are checked here, never values: nothing reads the
+    device, so the launch can be captured in a CUDA graph."""
+    B, V = logits.shape if logits.dim() == 2 else (0, 0)
+    check(logits.dim() == 2 and V > 0 and logits.stride(1) == 1,
+          f"logits must be a contiguous-row [batch, vocab], got {tuple(logits.shape)}")
+    check(logits.dtype in (torch.float32, torch.float16, torch.bfloat16), f"logits dtype {logits.dtype} unsupported")
+    for name, t, dt in (("temperature", temperature, torch.float32), ("top_k", top_k, torch.int32),
+                        ("top_p", top_p, torch.float32), ("min_p", min_p, torch.float32),
+                        ("seeds", seeds, torch.int64), ("out", out, torch.int64)):
+        check(isinstance(t, torch.Tensor) and t.shape == (B,) and t.dtype == dt and t.is_contiguous(),
+              f"{name} must be a contiguous [batch={B}] {dt} tensor (see prepare())")
+    on_device = isinstance(offset, torch.Tensor)
+    if on_device:
+        check(offset.shape == (1,) and offset.dtype == torch.int64, "a tensor offset must be one int64 element")
+        same_device(logits, offset)
+    else:
+        check(offset >= 0, f"offset must be >= 0, got {offset}")
+    same_device(logits, temperature, top_k, top_p, min_p, seeds, out)
+    block = 1024 if V >= 1024 else max(16, 1 << (V - 1).bit_length())
+    _kernel()[(B,)](logits, logits.stride(0), temperature, top_k, top_p, min_p, seeds, out, offset, V,
+                    BLOCK=block, ROUNDS=MAX_ROUNDS, OFFSET_PTR=on_device)
     return out

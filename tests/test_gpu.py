@@ -30,6 +30,54 @@ def test_greedy_on_cuda_equals_hf_generate(tiny_cuda):
     assert [r.token_ids for r in res] == ref
 
 
+def test_cuda_graph_decode_greedy_equals_hf_generate(tiny_cuda):
+    model, tok = tiny_cuda
+    tok.padding_side = "left"
+    enc = tok.pad({"input_ids": [tok(p)["input_ids"] for p in PROMPTS]}, return_tensors="pt").to("cuda")
+    ref = model.generate(**enc, max_new_tokens=16, do_sample=False, pad_token_id=tok.pad_token_id,
+                         eos_token_id=None, min_new_tokens=16)[:, enc["input_ids"].shape[1]:].tolist()
+    res = Engine(model, tok, graphs="cuda").generate(PROMPTS, GenerationConfig(max_new_tokens=16, ignore_eos=True))
+    assert [r.token_ids for r in res] == ref
+
+
+def test_cuda_graph_draws_inside_the_graph_as_the_eager_engine(tiny_cuda):
+    # the Triton sampler replayed from the graph, its step counter read from device memory: the same tokens
+    # as the engine launching it at every step (one greedy row rides along)
+    model, tok = tiny_cuda
+    cfgs = [GenerationConfig(max_new_tokens=12, ignore_eos=True, seed=i,
+                             sampling=SamplingParams(temperature=0.0 if i == 1 else 0.9, top_p=0.95))
+            for i in range(len(PROMPTS))]
+    off = Engine(model, tok, sampler="triton").generate(PROMPTS, cfgs)
+    on = Engine(model, tok, sampler="triton", graphs="cuda").generate(PROMPTS, cfgs)
+    assert [r.token_ids for r in on] == [r.token_ids for r in off]
+
+
+def test_cuda_graph_replay_reads_weights_edited_in_place(tiny_cuda):
+    # negate the LM head after 3 tokens of a stream: the replayed graph must pick up the new values
+    model, tok = tiny_cuda
+    cfg = GenerationConfig(max_new_tokens=10, ignore_eos=True)
+    head = model.get_output_embeddings().weight
+
+    def run(**kw):
+        out = []
+        try:
+            for i, e in enumerate(Engine(model, tok, **kw).stream(["hello there"], cfg)):
+                out.append(e.token_id)
+                if i == 2:
+                    with torch.no_grad():
+                        head.neg_()
+        finally:
+            if len(out) > 2:
+                with torch.no_grad():
+                    head.neg_()
+        return out
+
+    plain = Engine(model, tok).generate(["hello there"], cfg)[0].token_ids
+    edited = run()
+    assert edited[:3] == plain[:3] and edited != plain
+    assert run(graphs="cuda") == edited
+
+
 def test_triton_sampler_in_the_engine_matches_the_model_distribution(tiny_cuda):
     # One prompt, first token only: 20k draws through the fused Triton sampler, one request each with its own
     # seed, against softmax(logits / T) restricted to the top-p nucleus, with the shared harness (tests/stats.py):

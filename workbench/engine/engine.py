@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from workbench.engine import processors, sampling
-from workbench.engine.backends import PackedLlamaBackend, make_backend
+from workbench.engine.backends import HFBackend, PackedLlamaBackend, make_backend
 from workbench.engine.config import GenerationConfig
 from workbench.engine.interventions import NONE, Applied, Interventions
 from workbench.engine.results import GenerationResult, TokenEvent, TokenLogprob, token_logprobs
@@ -67,13 +67,16 @@ class Engine:
     greedy output equals HF's only in fp32. ``gguf``: with ``weights="q4"``, a GGUF file whose Q4_1 blocks are
     used as they are wherever they still equal the model's weights. ``activations="q8"`` (with ``int8`` or ``q4``
     weights): decode matmuls quantize their inputs to int8 blocks and use integer dot products (as llama.cpp).
+    ``graphs``: ``"off"``, ``"cuda"`` (each generate call's decode steps, the next-token choice included, are
+    captured once as a CUDA graph and replayed; the ``hf`` backend on CUDA, sampling strategy only) or
+    ``"eager"`` (the same fixed-buffer step without capture); see :mod:`workbench.engine.graphs`.
     """
 
     SAMPLERS = ("auto", "torch", "triton")
 
     def __init__(self, model, tokenizer, *, threads: ThreadPolicy | None = DEFAULT_POLICY, backend: str = "auto",
                  sampler: str = "auto", prefill_chunk: int = 2048, adapters=None, weights: str = "fp32",
-                 gguf=None, activations: str = "fp32"):
+                 gguf=None, activations: str = "fp32", graphs: str = "off"):
         if not hasattr(model, "config") or not callable(model):
             raise TypeError("Engine needs a Hugging Face causal LM (a module with .config)")
         self.model = model
@@ -90,6 +93,12 @@ class Engine:
         if sampler not in self.SAMPLERS:
             raise ValueError(f"sampler must be one of {self.SAMPLERS}, got {sampler!r}")
         self.sampler = sampler
+        from workbench.engine.graphs import check_mode
+
+        self.graphs = check_mode(graphs, self.device)
+        if graphs != "off" and not isinstance(self.backend, HFBackend):
+            raise ValueError(f"graphs={graphs!r} records the 'hf' backend's static-cache step; backend "
+                             f"{self.backend.name!r} was chosen (pass backend='hf')")
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk  # long prompts go through in pieces: attention memory stays O(chunk * L)
@@ -281,6 +290,15 @@ class Engine:
             stop = self.stopper(p, cfg.max_new_tokens, eos_token_ids=cfg.eos_token_ids, ignore_eos=cfg.ignore_eos,
                                 stop_strings=cfg.stop_strings, guide=guide, stream=stream, logprobs=cfg.logprobs)
             rows.append(_Row(cfg, self.generator(cfg.seed), stop))
+        if self.graphs != "off":  # refused before the prefill
+            from workbench.engine.graphs import rows_refusal
+
+            params = [r.cfg.sampling for r in rows]
+            why = rows_refusal(params, constrained=any(r.guide is not None for r in rows),
+                               logprobs=any(r.cfg.logprobs is not None for r in rows),
+                               kernel=self._use_kernel(params))
+            if why:
+                raise ValueError(f"graphs={self.graphs!r} cannot run these requests: {why}")
         return rows
 
     # -- entry points -------------------------------------------------------------------------------
@@ -301,6 +319,9 @@ class Engine:
         ``MCTSConfig``.
         """
         strat = get_strategy(strategy)
+        if self.graphs != "off" and strategy != "sample":
+            raise ValueError(f"graphs={self.graphs!r} records the sampling strategy's decode step; strategy "
+                             f"{strategy!r} runs its own steps (use an engine with graphs='off')")
         if config is not None:
             ok = (isinstance(config, strat.config_type) or (
                 isinstance(config, Sequence) and config and all(isinstance(c, strat.config_type) for c in config)
@@ -346,19 +367,29 @@ class Engine:
                       top_p=[p.top_p for p in params], min_p=[p.min_p for p in params],
                       seeds=[int(torch.randint(0, 2**62, (), generator=g, device=g.device)) for g in gens])
 
+        graph = None
+        if self.graphs != "off":
+            from workbench.engine.graphs import DecodeGraph
+
+            sampler = None if all(greedy) else dict(kw)
+            graph = DecodeGraph(session, self.graphs, sampler)
+        drawn = None  # the next tokens, when the graph's step already chose them
         with session.decoding():
             for t in range(steps):
-                if constrained:
-                    allowed = torch.ones_like(seen)
-                    for i in constrained:
-                        allowed[i] = rows[i].guide.allowed().to(dev)
-                    logits = logits.masked_fill(~allowed, float("-inf"))
-                if fused:
-                    x = processors.process(logits, params, seen, counts, filters=False)
-                    tokens = ksampling.sample(x, **kw, offset=t, impl="triton")
+                if drawn is not None:
+                    tokens = drawn
                 else:
-                    x = processors.process(logits, params, seen, counts)
-                    tokens = sampling.choose(x, greedy, gens)
+                    if constrained:
+                        allowed = torch.ones_like(seen)
+                        for i in constrained:
+                            allowed[i] = rows[i].guide.allowed().to(dev)
+                        logits = logits.masked_fill(~allowed, float("-inf"))
+                    if fused:
+                        x = processors.process(logits, params, seen, counts, filters=False)
+                        tokens = ksampling.sample(x, **kw, offset=t, impl="triton")
+                    else:
+                        x = processors.process(logits, params, seen, counts)
+                        tokens = sampling.choose(x, greedy, gens)
                 live = torch.tensor([i for i, r in enumerate(rows) if not r.done], device=dev)
                 seen[live, tokens[live]] = True
                 counts[live, tokens[live]] += 1
@@ -372,7 +403,10 @@ class Engine:
                         yield TokenEvent(i, token_list[i], delta, r.done, r.result.finish_reason, lp)
                 if all(r.done for r in rows):
                     return
-                logits = session.decode(tokens)
+                if graph is not None:
+                    drawn = graph.step(tokens, offset=t + 1)
+                else:
+                    logits = session.decode(tokens)
 
     def _use_kernel(self, params) -> bool:
         if self.sampler == "torch" or all(p.greedy for p in params):
