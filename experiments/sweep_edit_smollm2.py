@@ -58,29 +58,10 @@ def rank_key(row: dict) -> tuple:
     return (met, round(sum(rates) / 3, 6), round(rome, 6))
 
 
-@torch.no_grad()
-def _keys_all_positions(model, tok, layers, texts) -> tuple[dict, torch.Tensor]:
-    from workbench.interp.hooks import Hooks
-    from workbench.surgery.requests import prompt_ids
-
-    seqs = [prompt_ids(tok, t) for t in texts]
-    width = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
-    got: dict = {}
-    hooks = [(f"blocks.{layer}.mlp.hook_post", lambda a, h, layer=layer: got.__setitem__(layer, a.float()))
-             for layer in layers]
-    with Hooks(model, hooks):
-        model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
-    return got, mask
-
-
 def specificity(model, tok, reqs, layers, stats, prefixes, ridge: float) -> list[dict]:
     """Stage 0 (see the module doc): per layer, mean ρ at the edit and paraphrase prompts' subject and the
     mean over neighbourhood prompts of the largest |ρ| over their positions."""
-    from workbench.surgery.compute import subject_index
+    from workbench.surgery.compute import mlp_keys, subject_end, subject_index
     from workbench.surgery.rome import key_direction
 
     acc = {layer: {"bare": [], "paraphrase": [], "neighbour_max": []} for layer in layers}
@@ -88,11 +69,10 @@ def specificity(model, tok, reqs, layers, stats, prefixes, ridge: float) -> list
     for req in reqs:
         # k*: the key at the subject's last token averaged over the prefixed prompts (as the editor computes it)
         ctx = [p + req.text for p in prefixes]
-        keys, _ = _keys_all_positions(model, tok, layers, ctx)
-        last = torch.tensor([subject_index(tok, t, len(p) + req.template.index("{}") + len(req.subject))
-                             for t, p in zip(ctx, prefixes, strict=True)])
+        keys, _ = mlp_keys(model, tok, layers, ctx)
+        last = torch.tensor([subject_index(tok, t, subject_end(req, p)) for t, p in zip(ctx, prefixes, strict=True)])
         texts = [req.text, *req.rephrase_prompts, *[p for p, _ in req.locality]]
-        got, mask = _keys_all_positions(model, tok, layers, texts)
+        got, mask = mlp_keys(model, tok, layers, texts)
         n_para = len(req.rephrase_prompts)
         at_subject = []  # (row, token) of the subject's last token in the edit prompt and paraphrases
         for row, text in enumerate(texts[: 1 + n_para]):

@@ -13,6 +13,7 @@ Prompts and targets are joined by :func:`workbench.surgery.requests.target_ids`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -71,8 +72,14 @@ def subject_index(tok, text: str, subject_end: int) -> int:
     return len(prompt_ids(tok, text[:subject_end])) - 1
 
 
-def _subject_end(req: EditRequest, prefix: str) -> int:
+def subject_end(req: EditRequest, prefix: str) -> int:
+    """Character offset just past the subject in ``prefix + req.text``."""
     return len(prefix) + req.template.index("{}") + len(req.subject)
+
+
+class StopForward(Exception):
+    """Raised from a hook once everything needed has been read: the layers above it and the LM head do not run
+    (the caller suppresses it)."""
 
 
 @dataclass
@@ -100,7 +107,8 @@ def _pad_id(tok) -> int:
 @torch.no_grad()
 def compute_keys(model, tok, layer: int, requests: list[EditRequest], prefixes: list[str],
                  batch_size: int = 32) -> torch.Tensor:
-    """``[n_requests, d_mlp]``: each request's key at ``layer`` averaged over the prefixed contexts."""
+    """``[n_requests, d_mlp]``: each request's key at ``layer`` averaged over the prefixed contexts (the forward
+    stops at the key)."""
     dev = device_of(model)
     items = [(r, c) for r in range(len(requests)) for c in range(len(prefixes))]
     keys = None
@@ -108,13 +116,14 @@ def compute_keys(model, tok, layer: int, requests: list[EditRequest], prefixes: 
         chunk = items[start:start + batch_size]
         texts = [prefixes[c] + requests[r].text for r, c in chunk]
         ids, mask = _pad([prompt_ids(tok, t) for t in texts], _pad_id(tok), dev)
-        subj = [subject_index(tok, t, _subject_end(requests[r], prefixes[c])) for t, (r, c) in zip(texts, chunk, strict=True)]
+        subj = [subject_index(tok, t, subject_end(requests[r], prefixes[c])) for t, (r, c) in zip(texts, chunk, strict=True)]
         got = {}
 
         def grab(act, hook, subj=subj, got=got):
             got["k"] = act[torch.arange(act.shape[0], device=act.device), torch.tensor(subj, device=act.device)]
+            raise StopForward
 
-        with Hooks(model, [(f"blocks.{layer}.mlp.hook_post", grab)]):
+        with Hooks(model, [(f"blocks.{layer}.mlp.hook_post", grab)]), contextlib.suppress(StopForward):
             model(input_ids=ids, attention_mask=mask, use_cache=False)
         k = got["k"].float()
         if keys is None:
@@ -125,12 +134,30 @@ def compute_keys(model, tok, layer: int, requests: list[EditRequest], prefixes: 
 
 
 @torch.no_grad()
+def mlp_keys(model, tok, layers, texts: list[str]) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """Every position's key at each of ``layers`` for ``texts`` (right-padded as :func:`compute_keys` pads):
+    ``({layer: [n, T, d_mlp] float32}, mask [n, T])``; the forward stops after the highest layer's key."""
+    ids, mask = _pad([prompt_ids(tok, t) for t in texts], _pad_id(tok), device_of(model))
+    top, got = max(layers), {}
+
+    def grab(act, hook):
+        got[hook.layer] = act.float()
+        if hook.layer == top:
+            raise StopForward
+
+    with Hooks(model, [(f"blocks.{layer}.mlp.hook_post", grab) for layer in layers]), \
+            contextlib.suppress(StopForward):
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+    return got, mask
+
+
+@torch.no_grad()
 def hook_at_subject(model, tok, hook: str, requests: list[EditRequest]) -> torch.Tensor:
     """``[n, d]``: the activation at ``hook`` at each request's subject's last token (no prefix)."""
     dev = device_of(model)
     texts = [r.text for r in requests]
     ids, mask = _pad([prompt_ids(tok, t) for t in texts], _pad_id(tok), dev)
-    subj = torch.tensor([subject_index(tok, t, _subject_end(r, "")) for t, r in zip(texts, requests, strict=True)], device=dev)
+    subj = torch.tensor([subject_index(tok, t, subject_end(r, "")) for t, r in zip(texts, requests, strict=True)], device=dev)
     got = {}
 
     def grab(act, _hook):
@@ -174,7 +201,7 @@ def compute_value(model, tok, layer: int, req: EditRequest, prefixes: list[str],
         text = p + req.text
         pid = prompt_ids(tok, text)
         seqs.append(pid + t_ids[:-1])
-        subj.append(subject_index(tok, text, _subject_end(req, p)))
+        subj.append(subject_index(tok, text, subject_end(req, p)))
         tgt_pos.append(list(range(len(pid) - 1, len(pid) - 1 + len(t_ids))))
     n_rw = len(seqs)
     essence = hp.essence_template.format(req.subject)

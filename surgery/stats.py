@@ -5,7 +5,7 @@ Meng et al. 2023, eq. 14; Fang et al. 2025, section 3). It is estimated from a l
 (:mod:`workbench.data.corpus`):
 
 - one pass over ``tokens`` corpus tokens (windows of ``seq_len``) serves every requested layer; the forward
-  stops right after the last needed layer's key (a private exception raised from its hook), so the layers
+  stops right after the last needed layer's key (`compute.StopForward` raised from its hook), so the layers
   above never run;
 - the result is cached on disk per (weights fingerprint of the blocks up to the layer, layer, corpus, token
   count, window length) under ``<cache>/surgery/stats``: a second call reads the file and runs no model;
@@ -32,14 +32,10 @@ import torch
 from workbench.arch import arch_of, get_module
 from workbench.interp.hooks import Hooks
 from workbench.paths import cache_dir as _cache_root
-from workbench.surgery.compute import down_weight
+from workbench.surgery.compute import StopForward, down_weight
 
 log = logging.getLogger(__name__)
 FORMAT = 1
-
-
-class _StopForward(Exception):
-    """Raised from the last needed layer's hook: nothing above it has to run."""
 
 
 def stats_dir() -> Path:
@@ -188,7 +184,7 @@ def _run_pass(model, tok, layers, corpus, n_windows, seq_len, batch_size, partia
         else:
             sums[hook.layer] = s
         if hook.layer == top:
-            raise _StopForward
+            raise StopForward
 
     mine = [w for j, w in enumerate(_windows(tok, corpus, n_windows, seq_len)) if j % world == rank]
     device = next(model.parameters()).device
@@ -201,7 +197,7 @@ def _run_pass(model, tok, layers, corpus, n_windows, seq_len, batch_size, partia
         with Hooks(model, [(f"blocks.{i}.mlp.hook_post", record) for i in layers]):
             for start in range(done, len(mine), batch_size):
                 ids = torch.tensor(mine[start:start + batch_size], device=device)
-                with contextlib.suppress(_StopForward):
+                with contextlib.suppress(StopForward):
                     model(input_ids=ids, use_cache=False)
                 done = min(start + batch_size, len(mine))
                 bar.update(ids.shape[0])

@@ -100,6 +100,9 @@ def test_ineffective_sampling_flags_warn(capsys):
     (["generate", *TINY, "--weights", "bf16", "--backend", "hf", "hi"], "packed-backend format"),
     (["generate", *TINY, "--weights", "fp16", "--activations", "q8", "hi"], "activations='q8'"),
     (["generate", *TINY, "--activations", "q4", "hi"], "invalid choice: 'q4'"),
+    (["generate", *TINY, "--graphs", "cuda", "--backend", "hf", "hi"], "model is on cpu"),
+    (["generate", *TINY, "--graphs", "eager", "hi"], "pass backend='hf'"),
+    (["generate", *TINY, "--graphs", "eager", "--backend", "hf", "--strategy", "beam", "hi"], "strategy 'beam'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, msg):
     try:
@@ -156,6 +159,19 @@ def test_first_native_build_says_what_it_does(monkeypatch, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="workbench.engine.native"):
         assert native.load("packed_llama") is not None
     assert "compiling the C++ helper 'packed_llama'" in caplog.text
+
+
+def test_graphs_option(capsys, tiny):
+    from workbench.cli import GRAPH_MODES
+    from workbench.engine.graphs import MODES
+
+    assert GRAPH_MODES == MODES
+    model, tok = tiny
+    assert main(["generate", *TINY, "--max-new-tokens", "6", "--backend", "hf", "--graphs", "eager", "--json",
+                 "hello"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    cfg = GenerationConfig(max_new_tokens=6, sampling=SamplingParams(temperature=0.0))
+    assert got["text"] == Engine(model, tok, backend="hf").generate([tok("hello")["input_ids"]], cfg)[0].text
 
 
 def test_weights_option(capsys, tiny):

@@ -436,6 +436,39 @@ def test_stats_run_only_up_to_the_layer_and_are_cached(tmp_path):
         at.close()
 
 
+def test_keys_stop_the_forward_at_the_layer_and_equal_a_full_forward():
+    from workbench.interp.hooks import Hooks
+    from workbench.surgery.compute import mlp_keys, subject_end, subject_index
+
+    m, tok = fresh()
+    texts = [REQ.text, "a much longer text about " + OTHER.text]
+    full = {}
+    with Hooks(m, [(f"blocks.{i}.mlp.hook_post", lambda a, h: full.__setitem__(h.layer, a.float()))
+                   for i in (0, 1)]):
+        ids = [prompt_ids(tok, t) for t in texts]
+        for row, seq in enumerate(ids):  # each text alone: no padding at all
+            m(input_ids=torch.tensor([seq]))
+            full[(row, 0)], full[(row, 1)] = full[0][0], full[1][0]
+    calls = []
+    above, head = _Counter(m, 1), m.lm_head.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        got, mask = mlp_keys(m, tok, [0], texts)
+        assert above.n == 0 and not calls  # block 1 and the LM head never ran
+        for row, seq in enumerate(ids):
+            assert mask[row].sum() == len(seq)
+            torch.testing.assert_close(got[0][row, : len(seq)], full[(row, 0)], rtol=0, atol=1e-5)
+        k = compute_keys(m, tok, 0, [REQ], [""])[0]
+        assert above.n == 0 and not calls
+        torch.testing.assert_close(k, full[(0, 0)][subject_index(tok, REQ.text, subject_end(REQ, ""))],
+                                   rtol=0, atol=1e-5)
+        got, _ = mlp_keys(m, tok, [0, 1], texts)  # both layers, the head still skipped
+        assert above.n == 1 and not calls and set(got) == {0, 1}
+        torch.testing.assert_close(got[1][1, : len(ids[1])], full[(1, 1)], rtol=0, atol=1e-5)
+    finally:
+        above.close()
+        head.remove()
+
+
 def test_stats_resume_after_an_interruption(tmp_path):
     from workbench.interp import Hooks
 
