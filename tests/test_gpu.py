@@ -30,13 +30,15 @@ def test_greedy_on_cuda_equals_hf_generate(tiny_cuda):
     assert [r.token_ids for r in res] == ref
 
 
-def test_cuda_graph_decode_greedy_equals_hf_generate(tiny_cuda):
+@pytest.mark.parametrize("new_tokens", [2, 16])  # 2: the graph is captured with one cache slot left
+def test_cuda_graph_decode_greedy_equals_hf_generate(tiny_cuda, new_tokens):
     model, tok = tiny_cuda
     tok.padding_side = "left"
     enc = tok.pad({"input_ids": [tok(p)["input_ids"] for p in PROMPTS]}, return_tensors="pt").to("cuda")
-    ref = model.generate(**enc, max_new_tokens=16, do_sample=False, pad_token_id=tok.pad_token_id,
-                         eos_token_id=None, min_new_tokens=16)[:, enc["input_ids"].shape[1]:].tolist()
-    res = Engine(model, tok, graphs="cuda").generate(PROMPTS, GenerationConfig(max_new_tokens=16, ignore_eos=True))
+    ref = model.generate(**enc, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+                         eos_token_id=None, min_new_tokens=new_tokens)[:, enc["input_ids"].shape[1]:].tolist()
+    cfg = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True)
+    res = Engine(model, tok, graphs="cuda").generate(PROMPTS, cfg)
     assert [r.token_ids for r in res] == ref
 
 

@@ -71,14 +71,17 @@ class HostReads(TorchDispatchMode):
     """Records the ops a CUDA graph capture cannot contain: reads of device values into Python and tensors
     made from Python data (an upload)."""
 
-    FORBIDDEN = {aten._local_scalar_dense, aten.item, aten.is_nonzero, aten.lift_fresh, aten.lift_fresh_copy}
+    FORBIDDEN = {aten._local_scalar_dense, aten.item, aten.is_nonzero, aten.lift_fresh, aten.lift_fresh_copy,
+                 aten.nonzero, aten.masked_select, aten._unique2, aten.repeat_interleave}
 
     def __init__(self):
         super().__init__()
         self.ops = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket in self.FORBIDDEN:
+        masked = func.overloadpacket in (aten.index, aten.index_put, aten.index_put_) and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] or ())
+        if func.overloadpacket in self.FORBIDDEN or masked:  # a boolean-mask index sizes its result on the host
             self.ops.append(str(func))
         return func(*args, **(kwargs or {}))
 
@@ -95,10 +98,13 @@ def test_the_recorded_step_reads_nothing_back_to_the_host(tiny, monkeypatch):
         g.mask[:, s.filled] = 1
         g.positions.copy_(s.pos[:, None])
         with HostReads() as control:  # the detector sees each kind of forbidden op
-            torch.ones(2).sum().item()
-            bool(torch.ones(1) > 0)
+            x = torch.ones(3)
+            x.sum().item()
+            bool(x[0] > 0)
             torch.tensor([1, 2])
-        assert len(control.ops) == 3, control.ops
+            x[x > 0]
+            x.nonzero()
+        assert len(control.ops) == 5, control.ops
         # transformers skips its data-dependent mask shortcuts while a CUDA stream is capturing
         monkeypatch.setattr(iu, "is_cuda_stream_capturing", lambda: True)
         with HostReads() as m:
@@ -134,6 +140,50 @@ def test_sampler_launch_checks_metadata():
         sampling.sample(logits, offset=torch.tensor([0]))
 
 
+@pytest.mark.parametrize("new_tokens", [1, 2, 3])
+def test_eager_graph_step_with_the_fewest_decode_steps(tiny, new_tokens):
+    # 1 new token: no decode step, no graph; 2: the graph is built with one slot left (its warm-up must not
+    # write past it)
+    model, tok = tiny
+    cfg = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True)
+    graphed = ids_of(Engine(model, tok, backend="hf", graphs="eager").generate(PROMPTS, cfg))
+    assert graphed == ids_of(Engine(model, tok, backend="hf").generate(PROMPTS, cfg))
+    assert all(len(t) == new_tokens for t in graphed)
+
+
+def test_graphs_refuse_models_whose_step_keeps_python_state():
+    for change, msg in ((dict(layer_types=["sliding_attention", "full_attention"]), "keep Python state"),
+                        (dict(_attn_implementation="flash_attention_2"), "attention implementation"),
+                        (dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}),
+                         "dynamic RoPE")):
+        model, tok = build_tiny("llama")
+        for k, v in change.items():
+            setattr(model.config, k, v)
+        with pytest.raises(ValueError, match=msg):
+            Engine(model, tok, backend="hf", graphs="eager")
+
+
+def test_graphs_refuse_interventions_before_the_prefill(tiny, monkeypatch):
+    from workbench.engine import step
+    from workbench.interp import Hooks
+
+    model, tok = tiny
+    eng = Engine(model, tok, backend="hf", graphs="eager")
+    monkeypatch.setattr(step.Session, "__init__", lambda *a, **k: pytest.fail("prefilled"))
+    cfg = GenerationConfig(max_new_tokens=4)
+    with eng.intervene(offsets={"blocks.0.hook_resid_post": torch.ones(model.config.hidden_size)}), \
+            pytest.raises(ValueError, match="Engine.intervene"):
+        eng.generate(["hello"], cfg)
+    with Hooks(model, [("blocks.0.hook_resid_post", lambda a, h: a)]), pytest.raises(ValueError, match="Hooks"):
+        eng.generate(["hello"], cfg)
+    handle = model.model.layers[0].register_forward_hook(lambda *a: None)
+    try:
+        with pytest.raises(ValueError, match="torch hooks"):
+            eng.generate(["hello"], cfg)
+    finally:
+        handle.remove()
+
+
 def test_graph_modes_refuse_what_a_recorded_step_cannot_hold(tiny):
     model, tok = tiny
     with pytest.raises(UnknownNameError, match="decode graph mode"):
@@ -159,8 +209,5 @@ def test_graph_modes_refuse_what_a_recorded_step_cannot_hold(tiny):
         from workbench.engine import BeamConfig
 
         eng.generate(["hello"], BeamConfig(num_beams=2, max_new_tokens=3), strategy="beam")
-    offsets = {"blocks.0.hook_resid_post": torch.ones(model.config.hidden_size)}
-    with eng.intervene(offsets=offsets), pytest.raises(ValueError, match="cannot replay interventions"):
-        eng.generate(["hello"], GenerationConfig(max_new_tokens=4))
     # nothing was left behind: the same engine still generates
     assert len(eng.generate(["hello"], GenerationConfig(max_new_tokens=3, ignore_eos=True))[0].token_ids) == 3

@@ -93,12 +93,15 @@ class Engine:
         if sampler not in self.SAMPLERS:
             raise ValueError(f"sampler must be one of {self.SAMPLERS}, got {sampler!r}")
         self.sampler = sampler
-        from workbench.engine.graphs import check_mode
+        from workbench.engine.graphs import check_mode, model_refusal
 
         self.graphs = check_mode(graphs, self.device)
         if graphs != "off" and not isinstance(self.backend, HFBackend):
             raise ValueError(f"graphs={graphs!r} records the 'hf' backend's static-cache step; backend "
                              f"{self.backend.name!r} was chosen (pass backend='hf')")
+        why = model_refusal(model) if graphs != "off" else None
+        if why:
+            raise ValueError(f"graphs={graphs!r} cannot record this model's decode step: {why}")
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk  # long prompts go through in pieces: attention memory stays O(chunk * L)
@@ -291,12 +294,13 @@ class Engine:
                                 stop_strings=cfg.stop_strings, guide=guide, stream=stream, logprobs=cfg.logprobs)
             rows.append(_Row(cfg, self.generator(cfg.seed), stop))
         if self.graphs != "off":  # refused before the prefill
-            from workbench.engine.graphs import rows_refusal
+            from workbench.engine.graphs import interventions_refusal, model_refusal, rows_refusal
 
             params = [r.cfg.sampling for r in rows]
-            why = rows_refusal(params, constrained=any(r.guide is not None for r in rows),
-                               logprobs=any(r.cfg.logprobs is not None for r in rows),
-                               kernel=self._use_kernel(params))
+            why = (rows_refusal(params, constrained=any(r.guide is not None for r in rows),
+                                logprobs=any(r.cfg.logprobs is not None for r in rows),
+                                kernel=self._use_kernel(params))
+                   or interventions_refusal(self) or model_refusal(self.model))
             if why:
                 raise ValueError(f"graphs={self.graphs!r} cannot run these requests: {why}")
         return rows
@@ -367,12 +371,7 @@ class Engine:
                       top_p=[p.top_p for p in params], min_p=[p.min_p for p in params],
                       seeds=[int(torch.randint(0, 2**62, (), generator=g, device=g.device)) for g in gens])
 
-        graph = None
-        if self.graphs != "off":
-            from workbench.engine.graphs import DecodeGraph
-
-            sampler = None if all(greedy) else dict(kw)
-            graph = DecodeGraph(session, self.graphs, sampler)
+        graph = None  # built at the first decode step (none when every row stops at its first token)
         drawn = None  # the next tokens, when the graph's step already chose them
         with session.decoding():
             for t in range(steps):
@@ -403,7 +402,11 @@ class Engine:
                         yield TokenEvent(i, token_list[i], delta, r.done, r.result.finish_reason, lp)
                 if all(r.done for r in rows):
                     return
-                if graph is not None:
+                if self.graphs != "off":
+                    if graph is None:
+                        from workbench.engine.graphs import DecodeGraph
+
+                        graph = DecodeGraph(session, self.graphs, None if all(greedy) else dict(kw))
                     drawn = graph.step(tokens, offset=t + 1)
                 else:
                     logits = session.decode(tokens)

@@ -13,11 +13,14 @@ in-place weight edits made between steps are seen by the next replay.
 ``graphs="eager"`` runs the same step on the same buffers without capturing it, on any device: the code
 path a graph records, for checking one against the other (the tests do so on CPU).
 
-What a recorded step cannot hold is refused before anything runs, never run differently: interventions
+What a recorded step cannot hold is refused before the prefill, never run differently: interventions
 (hooks and offsets run Python at every step), the processors that build tensors from Python values each step
 (repetition, frequency and presence penalties, logit bias), the torch sampler (per-row generators; only the
-Triton kernel draws inside a graph), logprobs, constrained decoding, strategies other than ``sample``, and
-backends other than ``hf``.
+Triton kernel draws inside a graph), logprobs, constrained decoding, strategies other than ``sample``,
+backends other than ``hf``, and models whose step keeps Python state or reads the device: sliding-window,
+chunked or linear-attention layers (their cache layers count in Python), attention implementations other than
+``sdpa`` and ``eager``, and dynamic RoPE. Torch hooks registered on the model in the middle of a graphed call
+are not run by the replays (hooks are looked for before the prefill).
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from workbench.errors import UnknownNameError
 from workbench.threads import num_threads
 
 MODES = ("off", "cuda", "eager")
-WARMUP_STEPS = 2  # eager runs on a side stream before capture: Triton compiles, cuBLAS picks its kernels
+ATTENTION = ("sdpa", "eager")  # attention implementations whose step reads nothing back to the host
+WARMUP_STEPS = 2  # eager steps before capture (on a side stream): Triton compiles, cuBLAS picks its kernels
 
 
 def check_mode(mode: str, device: torch.device) -> str:
@@ -41,6 +45,46 @@ def check_mode(mode: str, device: torch.device) -> str:
         raise ValueError(f"graphs='cuda' records CUDA graphs; the model is on {device} (graphs='eager' runs the "
                          "same fixed-buffer step without capture)")
     return mode
+
+
+def model_refusal(model) -> str | None:
+    """Why a decode graph cannot record this model's step (None: it can)."""
+    cfg = model.config
+    other = sorted({t for t in (getattr(cfg, "layer_types", None) or []) if t != "full_attention"})
+    if other:
+        return f"layers of type {other} keep Python state in their cache (only full-attention layers replay)"
+    attn = getattr(cfg, "_attn_implementation", None) or "eager"
+    if attn not in ATTENTION:
+        return f"attention implementation {attn!r} (recorded: {', '.join(ATTENTION)})"
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    kinds = [rope.get("rope_type", rope.get("type", ""))] if isinstance(rope, dict) else []
+    from workbench.arch import ARCHITECTURES, get_module
+
+    spec = ARCHITECTURES.get(getattr(cfg, "model_type", None))
+    if spec is not None and spec.rotary:
+        module = get_module(model, spec.rotary)
+        kinds.append(getattr(module, "rope_type", ""))
+        if getattr(module, "_daert_dynamic_rope", False):
+            kinds.append("dynamic")
+    if any("dynamic" in str(k) for k in kinds):
+        return "dynamic RoPE scaling changes its frequencies with the sequence length (Python, every step)"
+    return None
+
+
+def interventions_refusal(engine) -> str | None:
+    """Why the interventions in force around ``engine`` now cannot be replayed (None: there are none)."""
+    from workbench.interp.hooks import active_hooks, foreign_hooks
+
+    iv = engine.interventions
+    if iv.offsets or iv.hooks or iv.adapters is not None:
+        return "interventions from Engine.intervene (offsets, hooks, adapters) run Python at every step"
+    active = active_hooks(engine.model)
+    if active:
+        return "workbench.interp.Hooks contexts are installed on the model"
+    foreign = foreign_hooks(engine.model, active)
+    if foreign:
+        return f"torch hooks are registered on {foreign[:3]}"
+    return None
 
 
 def rows_refusal(params: Sequence, *, constrained: bool, logprobs: bool, kernel: bool) -> str | None:
@@ -68,6 +112,8 @@ class DecodeGraph:
     """
 
     def __init__(self, session, mode: str, sampler: dict | None = None):
+        from transformers.cache_utils import StaticLayer
+
         backend = session.backend
         if not isinstance(backend, HFBackend):
             raise ValueError(f"decode graphs record the 'hf' backend's static-cache step; this session runs on "
@@ -75,12 +121,16 @@ class DecodeGraph:
         if session.applied:
             raise ValueError("decode graphs cannot replay interventions (hooks, offsets, adapters run Python at "
                              "every step); run with graphs='off'")
+        odd = sorted({type(ly).__name__ for ly in session.cache.cache.layers if type(ly) is not StaticLayer})
+        if odd:
+            raise ValueError(f"decode graphs replay full-attention StaticLayer caches only; this cache has {odd}")
         self.session, self.mode, self.model = session, mode, backend.model
         self.cache_kwarg = backend.cache_kwarg
         B, dev = session.B, session.mask.device
+        self.device = dev
         self.ids = torch.zeros((B, 1), dtype=torch.long, device=dev)
         self.mask = session.mask.clone()  # [B, capacity]: the whole cache, unfilled slots masked
-        self.positions = torch.zeros((B, 1), dtype=torch.long, device=dev)
+        self.positions = session.pos[:, None].clone()
         self.offset = torch.zeros(1, dtype=torch.long, device=dev)  # the sampler's step counter
         self.tokens = torch.zeros(B, dtype=torch.long, device=dev)
         self.sampler = None
@@ -90,14 +140,18 @@ class DecodeGraph:
             self.sampler = ksampling.prepare(session.logits.float(), **sampler)  # values checked here, once
         self._graph = None
         self._out: tuple[torch.Tensor, torch.Tensor] | None = None
+        if session.filled >= session.capacity:
+            raise ValueError(f"session full: no slot left for a decode step ({session.capacity} slots)")
         if mode == "cuda":
-            self._capture()
+            with torch.cuda.device(dev):
+                self._capture()
+        else:
+            self._warm_up()
 
     def _body(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The recorded step: forward one token per row, then choose the next (logits ``[B, V]``, tokens)."""
         out = self.model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.positions,
-                         use_cache=True, logits_to_keep=1,
-                         **{self.cache_kwarg: self.session.cache.cache})
+                         use_cache=True, logits_to_keep=1, **{self.cache_kwarg: self.session.cache.cache})
         logits = out.logits[:, -1].float()
         if self.sampler is None:
             torch.argmax(logits, dim=-1, out=self.tokens)
@@ -107,19 +161,25 @@ class DecodeGraph:
             ksampling.launch(logits, *self.sampler, self.offset, self.tokens)
         return logits, self.tokens
 
+    def _warm_up(self) -> None:
+        """A few steps on the current buffers, each from the same cache fill count, which is then put back:
+        they write only the next slot, still masked, which the first real step overwrites."""
+        s = self.session
+        for _ in range(WARMUP_STEPS):
+            s.backend.set_length(s.cache, s.filled)
+            self._body()
+        s.backend.set_length(s.cache, s.filled)
+
     def _capture(self) -> None:
-        s, dev = self.session, self.mask.device
+        dev = self.device
         side = torch.cuda.Stream(device=dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):
-            for _ in range(WARMUP_STEPS):
-                self._body()
+            self._warm_up()
         torch.cuda.current_stream(dev).wait_stream(side)
-        # the warm-up steps advanced the cache's fill counters; the keys they wrote sit in masked slots that the
-        # real steps overwrite before they are unmasked
-        s.backend.set_length(s.cache, s.filled)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # recording launches no kernel: the fill counters stay where the warm-up left them
+        with torch.cuda.graph(graph, stream=torch.cuda.Stream(device=dev), capture_error_mode="thread_local"):
             self._out = self._body()
         self._graph = graph
 
@@ -137,12 +197,14 @@ class DecodeGraph:
         self.positions.copy_(s.pos[:, None])
         self.offset.fill_(offset)
         if self._graph is not None:
-            self._graph.replay()
+            with torch.cuda.device(self.device):
+                self._graph.replay()
             logits, out = self._out
         else:
             with num_threads(s._threads("decode")):
                 logits, out = self._body()
+        s.cache.length += 1
         s.filled += 1
         s.pos += 1
-        s.logits = logits
+        s.logits = logits.clone()  # the graph's buffer is rewritten by the next replay
         return out.clone()
