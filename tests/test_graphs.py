@@ -152,15 +152,27 @@ def test_eager_graph_step_with_the_fewest_decode_steps(tiny, new_tokens):
 
 
 def test_graphs_refuse_models_whose_step_keeps_python_state():
+    from workbench.context.rope_scaling import RopeScaling, apply_rope_scaling
+
     for change, msg in ((dict(layer_types=["sliding_attention", "full_attention"]), "keep Python state"),
-                        (dict(_attn_implementation="flash_attention_2"), "attention implementation"),
-                        (dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}),
-                         "dynamic RoPE")):
+                        (dict(_attn_implementation="flash_attention_2"), "attention implementation")):
         model, tok = build_tiny("llama")
         for k, v in change.items():
             setattr(model.config, k, v)
         with pytest.raises(ValueError, match=msg):
             Engine(model, tok, backend="hf", graphs="eager")
+    # transformers updates these rotary embeddings' frequencies from the positions, in Python
+    for rope_type in ("dynamic", "longrope"):
+        model, tok = build_tiny("llama")
+        model.model.rotary_emb.rope_type = rope_type
+        with pytest.raises(ValueError, match=f"rope_type '{rope_type}'"):
+            Engine(model, tok, backend="hf", graphs="eager")
+        model.model.rotary_emb.rope_type = "yarn"  # fixed frequencies: recorded
+        Engine(model, tok, backend="hf", graphs="eager")
+    model, tok = build_tiny("llama")
+    with apply_rope_scaling(model, RopeScaling("dynamic-ntk", factor=2.0)), \
+            pytest.raises(ValueError, match="dynamic RoPE scaling hook"):
+        Engine(model, tok, backend="hf", graphs="eager")
 
 
 def test_graphs_refuse_interventions_before_the_prefill(tiny, monkeypatch):

@@ -202,6 +202,20 @@ def _cat_bias(*mods):
                                                                       device=m.weight.device) for m in mods])
 
 
+STATIC_ROPE = ("default", "linear", "llama3", "yarn", "longrope")  # rope types whose inv_freq is fixed once built
+
+
+def rope_refusal(rope, allowed: tuple[str, ...] = STATIC_ROPE) -> str | None:
+    """Why rotary module ``rope`` does not compute with fixed frequencies (None: it does): a ``rope_type`` outside
+    ``allowed`` (exact names), or a dynamic scaling hook of :mod:`workbench.context.rope_scaling`."""
+    kind = getattr(rope, "rope_type", "default")
+    if kind not in allowed:
+        return f"rope_type {kind!r} changes with sequence length"
+    if getattr(rope, "_daert_dynamic_rope", False):
+        return "a dynamic RoPE scaling hook is active (frequencies change with sequence length)"
+    return None
+
+
 def _no_lora(_group, out, _x):
     return out
 
@@ -221,7 +235,6 @@ class PackedLlamaBackend:
     """
 
     name = "packed-llama"
-    STATIC_ROPE = ("default", "linear", "llama3", "yarn", "longrope")
     FUSED_MAX_TOKENS = 16  # new tokens per row up to which the native fused loop runs
     SKINNY_MAX_ROWS = 16  # rows up to which the native LM head runs the skinny kernel (as in the C++ file)
 
@@ -297,10 +310,9 @@ class PackedLlamaBackend:
         rope = get_module(model, spec.rotary) if spec.rotary else None
         if getattr(rope, "inv_freq", None) is None:
             return "no rotary embedding with inv_freq found"
-        if getattr(rope, "rope_type", "default") not in cls.STATIC_ROPE:
-            return f"rope_type {rope.rope_type!r} changes with sequence length"
-        if getattr(rope, "_daert_dynamic_rope", False):
-            return "a dynamic RoPE scaling hook is active (frequencies change with sequence length)"
+        why = rope_refusal(rope)
+        if why:
+            return why
         if getattr(cfg, "hidden_act", "silu") != "silu":
             return f"hidden_act {cfg.hidden_act!r} (only silu)"
         if getattr(cfg, "pretraining_tp", 1) != 1:

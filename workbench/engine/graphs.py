@@ -19,8 +19,8 @@ What a recorded step cannot hold is refused before the prefill, never run differ
 Triton kernel draws inside a graph), logprobs, constrained decoding, strategies other than ``sample``,
 backends other than ``hf``, and models whose step keeps Python state or reads the device: sliding-window,
 chunked or linear-attention layers (their cache layers count in Python), attention implementations other than
-``sdpa`` and ``eager``, and dynamic RoPE. Torch hooks registered on the model in the middle of a graphed call
-are not run by the replays (hooks are looked for before the prefill).
+``sdpa`` and ``eager``, and dynamic or longrope RoPE. Torch hooks registered on the model in the middle of a
+graphed call are not run by the replays (hooks are looked for before the prefill).
 """
 
 from __future__ import annotations
@@ -29,12 +29,15 @@ from collections.abc import Sequence
 
 import torch
 
-from workbench.engine.backends import HFBackend
+from workbench.engine.backends import STATIC_ROPE, HFBackend, rope_refusal
 from workbench.errors import UnknownNameError
 from workbench.threads import num_threads
 
 MODES = ("off", "cuda", "eager")
 ATTENTION = ("sdpa", "eager")  # attention implementations whose step reads nothing back to the host
+# rope types whose HF forward reads no position back to the host (transformers updates dynamic and longrope
+# frequencies from the positions, in Python)
+GRAPH_ROPE = tuple(t for t in STATIC_ROPE if t != "longrope")
 WARMUP_STEPS = 2  # eager steps before capture (on a side stream): Triton compiles, cuBLAS picks its kernels
 
 
@@ -56,18 +59,11 @@ def model_refusal(model) -> str | None:
     attn = getattr(cfg, "_attn_implementation", None) or "eager"
     if attn not in ATTENTION:
         return f"attention implementation {attn!r} (recorded: {', '.join(ATTENTION)})"
-    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
-    kinds = [rope.get("rope_type", rope.get("type", ""))] if isinstance(rope, dict) else []
-    from workbench.arch import ARCHITECTURES, get_module
-
-    spec = ARCHITECTURES.get(getattr(cfg, "model_type", None))
-    if spec is not None and spec.rotary:
-        module = get_module(model, spec.rotary)
-        kinds.append(getattr(module, "rope_type", ""))
-        if getattr(module, "_daert_dynamic_rope", False):
-            kinds.append("dynamic")
-    if any("dynamic" in str(k) for k in kinds):
-        return "dynamic RoPE scaling changes its frequencies with the sequence length (Python, every step)"
+    for module in model.modules():  # every rotary embedding, whatever the family (the hf backend runs any)
+        if hasattr(module, "rope_type"):
+            why = rope_refusal(module, GRAPH_ROPE)
+            if why:
+                return why
     return None
 
 
