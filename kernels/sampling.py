@@ -25,9 +25,13 @@ from workbench.kernels._launch import check, resolve_impl, same_device
 MAX_ROUNDS = 32  # after this many rejections (vanishingly rare) the most likely token is returned
 
 
-def _params(logits, temperature, top_k, top_p, min_p, seeds):
+def _check_logits(logits) -> None:
     check(logits.dim() == 2 and logits.shape[1] > 0, f"logits must be [batch, vocab], got {tuple(logits.shape)}")
     check(logits.dtype in (torch.float32, torch.float16, torch.bfloat16), f"logits dtype {logits.dtype} unsupported")
+
+
+def _params(logits, temperature, top_k, top_p, min_p, seeds):
+    _check_logits(logits)
     B, dev = logits.shape[0], logits.device
 
     def col(v, dtype, name):
@@ -209,10 +213,9 @@ def launch(logits, temperature, top_k, top_p, min_p, seeds, offset, out) -> torc
     or a one-element int64 tensor on the logits' device that the kernel reads (a step counter a CUDA graph can
     advance between replays). Only shapes, dtypes and devices are checked here, never values: nothing reads the
     device, so the launch can be captured in a CUDA graph."""
-    B, V = logits.shape if logits.dim() == 2 else (0, 0)
-    check(logits.dim() == 2 and V > 0 and logits.stride(1) == 1,
-          f"logits must be a contiguous-row [batch, vocab], got {tuple(logits.shape)}")
-    check(logits.dtype in (torch.float32, torch.float16, torch.bfloat16), f"logits dtype {logits.dtype} unsupported")
+    _check_logits(logits)
+    check(logits.stride(1) == 1, "logits rows must be contiguous (stride 1 along the vocabulary)")
+    B, V = logits.shape
     for name, t, dt in (("temperature", temperature, torch.float32), ("top_k", top_k, torch.int32),
                         ("top_p", top_p, torch.float32), ("min_p", min_p, torch.float32),
                         ("seeds", seeds, torch.int64), ("out", out, torch.int64)):
