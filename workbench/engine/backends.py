@@ -387,6 +387,7 @@ class PackedLlamaBackend:
         self.lm_head = head.weight.detach().contiguous()  # [vocab, d]: the model's own tensor when contiguous
         self.lm_bias = head.bias
         self._quantize()
+        self._to_huge_pages()
         rope = get_module(m, self.spec.rotary)
         self.inv_freq = rope.inv_freq.float().clone()
         self.attention_scaling = float(rope.attention_scaling)
@@ -443,6 +444,24 @@ class PackedLlamaBackend:
         # the LM head stays 8-bit under q4, as llama.cpp's 4-bit files keep their output matrix at 6-8 bits
         q = quantize(self.lm_head, "int8" if self.weights == "q4" else self.weights)
         self.lm_head, self.lm_head_q, self.lm_head_s = q.dequantized, q.stored, q.scale
+
+    def _to_huge_pages(self) -> None:
+        """Move the matrices the skinny kernel streams (the layers' and the LM head's, in the format it reads) into
+        one arena on 2 MiB pages (:mod:`workbench.engine.hugepages`); ``huge_pages``: whether the OS was asked."""
+        from workbench.engine import hugepages
+
+        names = ("wqkv", "wo", "wgu", "wdown")
+        if self._q_args is None:
+            moved, self.huge_pages = hugepages.copies([getattr(ly, n) for ly in self.layers for n in names]
+                                                      + [self.lm_head])
+            for j, (ly, n) in enumerate((ly, n) for ly in self.layers for n in names):
+                setattr(ly, n, moved[j])
+            self.lm_head = moved[-1]
+            return
+        per = len(self.layers)
+        moved, self.huge_pages = hugepages.copies([w for group in self._q_args for w in group] + [self.lm_head_q])
+        self._q_args = tuple(moved[g * per:(g + 1) * per] for g in range(len(names)))
+        self.lm_head_q = moved[-1]
 
     def _native_module(self):
         if self.native_request is False:

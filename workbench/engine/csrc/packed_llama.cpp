@@ -30,6 +30,7 @@
 
 using torch::Tensor;
 
+
 static Tensor rms(const Tensor& x, const Tensor& w, double eps) {
   // LlamaRMSNorm in fp32: w * (x * rsqrt(mean(x^2) + eps))
   return w * (x * at::rsqrt(x.pow(2).mean({-1}, true).add_(eps)));
@@ -96,17 +97,20 @@ typedef uint16_t v8h __attribute__((vector_size(16), aligned(2), may_alias));
 typedef uint32_t v8i __attribute__((vector_size(32)));
 typedef int8_t v8b __attribute__((vector_size(8), aligned(1), may_alias));
 constexpr int64_t SKINNY_MAX_ROWS = 16;
+constexpr int64_t PREFETCH_BYTES = 4096;  // int8 and 4-bit rows, see prefetch_ahead
 
 // Weight formats streamed by the skinny kernel, each widened to float32 in registers (fp32 accumulation):
 // float32; bfloat16 (the top half of a float32: shift left by 16); float16; int8 with one float32 scale per output row
 // (applied once to each finished dot product).
 struct F32 {
   using T = float;
+  static constexpr int64_t PREFETCH = 0;  // the hardware prefetchers keep up with float32 rows on their own
   static inline v8 load(const float* p) { return *(const v8u*)p; }
   static inline float one(const float* p) { return *p; }
 };
 struct BF16 {
   using T = uint16_t;
+  static constexpr int64_t PREFETCH = 1024;
   // GCC splits the vector-extension widening into two 128-bit halves; with AVX2 it is one vpmovzxwd + vpslld
 #if defined(__AVX2__)
   static inline v8 load(const uint16_t* p) {
@@ -129,6 +133,7 @@ struct BF16 {
 // IEEE half precision: one vcvtph2ps per 8 weights with F16C (the x86 path where bfloat16 is not native)
 struct F16 {
   using T = uint16_t;
+  static constexpr int64_t PREFETCH = 1024;
 #if defined(__F16C__)
   static inline v8 load(const uint16_t* p) {
     return (v8)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -144,6 +149,7 @@ struct F16 {
 };
 struct I8 {
   using T = int8_t;
+  static constexpr int64_t PREFETCH = PREFETCH_BYTES;
   // GCC scalarises a char -> float vector conversion (8 movsbl + vcvtsi2ss); with AVX2 it is one sign-extending
   // load (vpmovsxbd) and one vcvtdq2ps
 #if defined(__AVX2__)
@@ -156,15 +162,17 @@ struct I8 {
   static inline float one(const int8_t* p) { return static_cast<float>(*p); }
 };
 
-// Software prefetch PREFETCH_BYTES ahead of a weight row being streamed, once per cache line. The weight rows of
-// a thread are contiguous, so this reaches into the rows it takes next. Measured on a 2-core AVX2 EPYC (a
-// 49152 x 576 matrix, one input row, 2 threads, four rows streamed interleaved 8 inputs at a time): int8 from
-// 6.6 to ~12 GB/s, 16-bit from ~9.5 to ~11.5 GB/s.
-constexpr int64_t PREFETCH_BYTES = 4096;
+// Software prefetch W::PREFETCH bytes ahead of a weight row being streamed, once per cache line (0: none). The
+// weight rows of a thread are contiguous, so this reaches into the rows it takes next. The distances are measured
+// on a 2-core AVX2 EPYC, SmolLM2 decode steps at batch 1 with the weights on 2 MiB pages
+// (workbench.engine.hugepages): float32 runs fastest with no software prefetch (~30 ms a step against ~35 ms at
+// 4 KiB ahead), 16-bit with 1 KiB (~16 against ~18 ms), int8 and 4-bit with 4 KiB (0 and 1 KiB are slower).
 template <class W>
 static inline void prefetch_ahead(const typename W::T* row, int64_t k) {
-  if ((k * sizeof(typename W::T)) % 64 == 0)
-    __builtin_prefetch(reinterpret_cast<const char*>(row + k) + PREFETCH_BYTES);
+  if constexpr (W::PREFETCH > 0) {
+    if ((k * sizeof(typename W::T)) % 64 == 0)
+      __builtin_prefetch(reinterpret_cast<const char*>(row + k) + W::PREFETCH);
+  }
 }
 
 static inline float hsum(v8 v) {

@@ -1,0 +1,89 @@
+"""Weight copies on 2 MiB pages against 4 KiB pages: SmolLM2 decode steps of the packed backend at batch 1, per
+weight format, the two placements of the same weights interleaved in one process. Prints a table, writes JSON.
+
+    .venv/bin/python experiments/bench_pages.py --json experiments/results/bench_pages.json
+
+Each round: one 40-token prefill, then ``--steps`` timed single-token decode steps, on each placement in turn;
+the step time is the median over all rounds' steps, and the ratio the median of per-round ratios. The 4 KiB
+placement is the backend built with ``DAERT_NO_HUGEPAGES=1`` (see :mod:`workbench.engine.hugepages`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from pathlib import Path
+
+from provenance import provenance, write_json
+
+FORMATS = {"fp32": "fp32", "fp16": "fp16", "int8+q8": "q8", "q4+q8": "q8"}
+
+
+def steps(backend, tok_id: int, n: int) -> list[float]:
+    import torch
+
+    cache = backend.new_cache(1, 40 + n)
+    backend.forward(torch.full((1, 40), tok_id), torch.ones(1, 40, dtype=torch.long), torch.arange(40)[None], cache)
+    out = []
+    for _ in range(n):
+        length = cache.length
+        t = time.perf_counter()
+        backend.forward(torch.tensor([[tok_id]]), torch.ones(1, length + 1, dtype=torch.long),
+                        torch.tensor([[length]]), cache)
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("-m", "--model", default="smollm2-135m-instruct")
+    ap.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+
+    import torch
+
+    from workbench import load
+    from workbench.engine import hugepages
+    from workbench.engine.backends import PackedLlamaBackend
+
+    if not hugepages.available():
+        raise SystemExit("huge pages are unavailable here (no MADV_HUGEPAGE, or DAERT_NO_HUGEPAGES is set)")
+    torch.set_num_threads(args.threads)
+    model, tok = load(args.model)
+    tok_id = tok.encode("Hello")[0]
+    rows = {}
+    for fmt in args.formats:
+        weights, _, _ = fmt.partition("+")
+        built = {}
+        for pages, off in (("4k", "1"), ("2m", "0")):
+            os.environ["DAERT_NO_HUGEPAGES"] = off
+            built[pages] = PackedLlamaBackend(model, weights=weights, activations=FORMATS[fmt])
+        os.environ.pop("DAERT_NO_HUGEPAGES")
+        times = {p: [] for p in built}
+        ratios = []
+        for r in range(args.rounds):
+            per = {p: steps(b, tok_id, args.steps) for p, b in built.items()}
+            for p, t in per.items():
+                times[p] += t
+            ratios.append(statistics.median(per["4k"]) / statistics.median(per["2m"]))
+            print(f"{fmt} round {r + 1}/{args.rounds}", flush=True)
+        rows[fmt] = {"step_ms_4k": round(statistics.median(times["4k"]) * 1e3, 2),
+                     "step_ms_2m": round(statistics.median(times["2m"]) * 1e3, 2),
+                     "speedup": round(statistics.median(ratios), 3),
+                     "advised": built["2m"].huge_pages}
+        del built
+    print(f"\n{'format':10s} {'4 KiB ms':>9s} {'2 MiB ms':>9s} {'speedup':>8s}")
+    for fmt, row in rows.items():
+        print(f"{fmt:10s} {row['step_ms_4k']:9.2f} {row['step_ms_2m']:9.2f} {row['speedup']:8.3f}")
+    write_json(args.json, {**provenance(), "model": args.model, "threads": args.threads, "rounds": args.rounds,
+                           "steps": args.steps, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
