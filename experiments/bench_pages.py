@@ -18,7 +18,7 @@ from pathlib import Path
 
 from provenance import provenance, write_json
 
-FORMATS = {"fp32": "fp32", "fp16": "fp16", "int8+q8": "q8", "q4+q8": "q8"}
+FORMATS = {"fp32": "fp32", "fp16": "fp32", "int8+q8": "q8", "q4+q8": "q8"}  # weights+activations: activations
 
 
 def steps(backend, tok_id: int, n: int) -> list[float]:
