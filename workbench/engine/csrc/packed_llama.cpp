@@ -97,20 +97,31 @@ typedef uint16_t v8h __attribute__((vector_size(16), aligned(2), may_alias));
 typedef uint32_t v8i __attribute__((vector_size(32)));
 typedef int8_t v8b __attribute__((vector_size(8), aligned(1), may_alias));
 constexpr int64_t SKINNY_MAX_ROWS = 16;
-constexpr int64_t PREFETCH_BYTES = 4096;  // int8 and 4-bit rows, see prefetch_ahead
+// software prefetch distances in bytes (0: none), see prefetch_ahead; experiments/bench_prefetch.py builds this
+// file with other values (-DDAERT_PF_F32=...) to compare them side by side
+#ifndef DAERT_PF_F32
+#define DAERT_PF_F32 0
+#endif
+#ifndef DAERT_PF_16
+#define DAERT_PF_16 1024
+#endif
+#ifndef DAERT_PF_8
+#define DAERT_PF_8 4096
+#endif
+constexpr int64_t PREFETCH_BYTES = DAERT_PF_8;  // int8 and 4-bit rows
 
 // Weight formats streamed by the skinny kernel, each widened to float32 in registers (fp32 accumulation):
 // float32; bfloat16 (the top half of a float32: shift left by 16); float16; int8 with one float32 scale per output row
 // (applied once to each finished dot product).
 struct F32 {
   using T = float;
-  static constexpr int64_t PREFETCH = 0;  // the hardware prefetchers keep up with float32 rows on their own
+  static constexpr int64_t PREFETCH = DAERT_PF_F32;
   static inline v8 load(const float* p) { return *(const v8u*)p; }
   static inline float one(const float* p) { return *p; }
 };
 struct BF16 {
   using T = uint16_t;
-  static constexpr int64_t PREFETCH = 1024;
+  static constexpr int64_t PREFETCH = DAERT_PF_16;
   // GCC splits the vector-extension widening into two 128-bit halves; with AVX2 it is one vpmovzxwd + vpslld
 #if defined(__AVX2__)
   static inline v8 load(const uint16_t* p) {
@@ -133,7 +144,7 @@ struct BF16 {
 // IEEE half precision: one vcvtph2ps per 8 weights with F16C (the x86 path where bfloat16 is not native)
 struct F16 {
   using T = uint16_t;
-  static constexpr int64_t PREFETCH = 1024;
+  static constexpr int64_t PREFETCH = DAERT_PF_16;
 #if defined(__F16C__)
   static inline v8 load(const uint16_t* p) {
     return (v8)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -163,10 +174,9 @@ struct I8 {
 };
 
 // Software prefetch W::PREFETCH bytes ahead of a weight row being streamed, once per cache line (0: none). The
-// weight rows of a thread are contiguous, so this reaches into the rows it takes next. The distances are measured
-// on a 2-core AVX2 EPYC, SmolLM2 decode steps at batch 1 with the weights on 2 MiB pages
-// (workbench.engine.hugepages): float32 runs fastest with no software prefetch (~30 ms a step against ~35 ms at
-// 4 KiB ahead), 16-bit with 1 KiB (~16 against ~18 ms), int8 and 4-bit with 4 KiB (0 and 1 KiB are slower).
+// weight rows of a thread are contiguous, so this reaches into the rows it takes next. The distances are the
+// fastest of 0, 1 KiB and 4 KiB for SmolLM2 decode steps at batch 1 on a 2-core AVX2 EPYC
+// (experiments/bench_prefetch.py): float32 with none, 16-bit with 1 KiB, int8 and 4-bit with 4 KiB.
 template <class W>
 static inline void prefetch_ahead(const typename W::T* row, int64_t k) {
   if constexpr (W::PREFETCH > 0) {
@@ -318,7 +328,7 @@ static inline void q4_rows(const float* x, int64_t K, const uint8_t* w, const fl
   for (int m = 0; m < MR; ++m) a[m] = v8{}, mins[m] = 0.f;
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = w + b * Q4_BYTES;
-    __builtin_prefetch(blk + PREFETCH_BYTES);
+    if constexpr (PREFETCH_BYTES > 0) __builtin_prefetch(blk + PREFETCH_BYTES);
     v8 f0, f1, f2, f3;
     q4_unpack(blk + 8, f0, f1, f2, f3);
     const float d = q4_scale(blk, 0), mn = q4_scale(blk, 1);
@@ -445,12 +455,12 @@ static inline void q8_rows(const Q8Rows& a, int64_t r0, const void* wrow, float 
     float d = 1.f, mn = 0.f;
     if constexpr (Q4) {
       const uint8_t* blk = static_cast<const uint8_t*>(wrow) + b * Q4_BYTES;
-      __builtin_prefetch(blk + PREFETCH_BYTES);
+      if constexpr (PREFETCH_BYTES > 0) __builtin_prefetch(blk + PREFETCH_BYTES);
       d = q4_scale(blk, 0), mn = q4_scale(blk, 1);
       w = q4_weights(blk + 8);
     } else {
       const int8_t* wp = static_cast<const int8_t*>(wrow) + b * Q8_BLOCK;
-      if (b % 2 == 0) __builtin_prefetch(wp + PREFETCH_BYTES);
+      if (PREFETCH_BYTES > 0 && b % 2 == 0) __builtin_prefetch(wp + PREFETCH_BYTES);
       w = q8_weights(wp);
     }
 #pragma GCC unroll 4
