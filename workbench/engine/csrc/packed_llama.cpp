@@ -109,6 +109,7 @@ constexpr int64_t SKINNY_MAX_ROWS = 16;
 #define DAERT_PF_8 4096
 #endif
 constexpr int64_t PREFETCH_BYTES = DAERT_PF_8;  // int8 and 4-bit rows
+constexpr int64_t ROWS_PREFETCH = 4096;  // the multi-row path (batch > 1), every format
 
 // Weight formats streamed by the skinny kernel, each widened to float32 in registers (fp32 accumulation):
 // float32; bfloat16 (the top half of a float32: shift left by 16); float16; int8 with one float32 scale per output row
@@ -173,15 +174,16 @@ struct I8 {
   static inline float one(const int8_t* p) { return static_cast<float>(*p); }
 };
 
-// Software prefetch W::PREFETCH bytes ahead of a weight row being streamed, once per cache line (0: none). The
-// weight rows of a thread are contiguous, so this reaches into the rows it takes next. The distances are the
-// fastest of 0, 1 KiB and 4 KiB for SmolLM2 decode steps at batch 1 on a 2-core AVX2 EPYC
-// (experiments/bench_prefetch.py): float32 with none, 16-bit with 1 KiB, int8 and 4-bit with 4 KiB.
-template <class W>
+// Software prefetch DIST bytes ahead of a weight row being streamed, once per cache line (0: none). The weight
+// rows of a thread are contiguous, so this reaches into the rows it takes next. The multi-row path takes
+// ROWS_PREFETCH; the one-row path (batch 1) takes W::PREFETCH, the fastest of 0, 1 KiB and 4 KiB for SmolLM2
+// decode steps at batch 1 on a 2-core AVX2 EPYC (experiments/bench_prefetch.py): float32 with none, 16-bit with
+// 1 KiB, int8 and 4-bit with 4 KiB.
+template <class W, int64_t DIST = W::PREFETCH>
 static inline void prefetch_ahead(const typename W::T* row, int64_t k) {
-  if constexpr (W::PREFETCH > 0) {
+  if constexpr (DIST > 0) {
     if ((k * sizeof(typename W::T)) % 64 == 0)
-      __builtin_prefetch(reinterpret_cast<const char*>(row + k) + W::PREFETCH);
+      __builtin_prefetch(reinterpret_cast<const char*>(row + k) + DIST);
   }
 }
 
@@ -207,8 +209,8 @@ static inline void dot_rows(const float* x, int64_t K, const typename W::T* w0, 
   for (int m = 0; m < MR; ++m) a[m] = b[m] = v8{};
   const int64_t K8 = K - K % 8;
   for (int64_t k = 0; k < K8; k += 8) {
-    prefetch_ahead<W>(w0, k);
-    prefetch_ahead<W>(w1, k);
+    prefetch_ahead<W, ROWS_PREFETCH>(w0, k);
+    prefetch_ahead<W, ROWS_PREFETCH>(w1, k);
     const v8 p = W::load(w0 + k), q = W::load(w1 + k);
 #pragma GCC unroll 8
     for (int m = 0; m < MR; ++m) {
