@@ -36,15 +36,20 @@ def steps(backend, tok_id: int, n: int) -> list[float]:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def step_args(doc: str, formats) -> argparse.Namespace:
+    """The command line of the decode-step benchmarks (this one and ``bench_prefetch.py``)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("-m", "--model", default="smollm2-135m-instruct")
-    ap.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
+    ap.add_argument("--formats", nargs="+", default=list(formats), choices=list(formats))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--json", type=Path)
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = step_args(__doc__, FORMATS)
 
     import torch
 

@@ -12,11 +12,9 @@ variant in turn; the step time is the median over all rounds' steps.
 
 from __future__ import annotations
 
-import argparse
 import statistics
-from pathlib import Path
 
-from bench_pages import steps
+from bench_pages import step_args, steps
 from provenance import provenance, write_json
 
 FORMATS = {"fp32": ("fp32", "DAERT_PF_F32"), "fp16": ("fp32", "DAERT_PF_16"), "int8+q8": ("q8", "DAERT_PF_8"),
@@ -36,14 +34,7 @@ def build(macro: str, distance: int):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("-m", "--model", default="smollm2-135m-instruct")
-    ap.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=10)
-    ap.add_argument("--steps", type=int, default=16)
-    ap.add_argument("--json", type=Path)
-    args = ap.parse_args()
+    args = step_args(__doc__, FORMATS)
 
     import torch
 
