@@ -48,20 +48,26 @@ def step_args(doc: str, formats) -> argparse.Namespace:
     return ap.parse_args()
 
 
-def main() -> None:
-    args = step_args(__doc__, FORMATS)
-
+def step_model(args):
+    """The model at ``args.threads`` threads, and the token id every step feeds."""
     import torch
 
     from workbench import load
+
+    torch.set_num_threads(args.threads)
+    model, tok = load(args.model)
+    return model, tok.encode("Hello")[0]
+
+
+def main() -> None:
+    args = step_args(__doc__, FORMATS)
+
     from workbench.engine import hugepages
     from workbench.engine.backends import PackedLlamaBackend
 
     if not hugepages.available():
         raise SystemExit("huge pages are unavailable here (no MADV_HUGEPAGE, or DAERT_NO_HUGEPAGES is set)")
-    torch.set_num_threads(args.threads)
-    model, tok = load(args.model)
-    tok_id = tok.encode("Hello")[0]
+    model, tok_id = step_model(args)
     rows = {}
     for fmt in args.formats:
         weights, _, _ = fmt.partition("+")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import statistics
 
-from bench_pages import step_args, steps
+from bench_pages import step_args, step_model, steps
 from provenance import provenance, write_json
 
 FORMATS = {"fp32": ("fp32", "DAERT_PF_F32"), "fp16": ("fp32", "DAERT_PF_16"), "int8+q8": ("q8", "DAERT_PF_8"),
@@ -36,14 +36,9 @@ def build(macro: str, distance: int):
 def main() -> None:
     args = step_args(__doc__, FORMATS)
 
-    import torch
-
-    from workbench import load
     from workbench.engine.backends import PackedLlamaBackend
 
-    torch.set_num_threads(args.threads)
-    model, tok = load(args.model)
-    tok_id = tok.encode("Hello")[0]
+    model, tok_id = step_model(args)
     rows = {}
     for fmt in args.formats:
         weights, _, _ = fmt.partition("+")
