@@ -22,20 +22,10 @@ FORMATS = {"fp32": ("fp32", "DAERT_PF_F32"), "fp16": ("fp32", "DAERT_PF_16"), "i
 DISTANCES = (0, 1024, 4096)
 
 
-def build(macro: str, distance: int):
-    from torch.utils.cpp_extension import load
-
-    from workbench.engine.native import _SRC, _cpu_tag
-
-    return load(name=f"daert_pf_{macro[8:].lower()}_{distance}_{_cpu_tag()}",
-                sources=[str(_SRC / "packed_llama.cpp")],
-                extra_cflags=["-O3", "-march=native", "-fopenmp", f"-D{macro}={distance}"],
-                extra_ldflags=["-fopenmp"], verbose=False)
-
-
 def main() -> None:
     args = step_args(__doc__, FORMATS)
 
+    from workbench.engine import native
     from workbench.engine.backends import PackedLlamaBackend
 
     model, tok_id = step_model(args)
@@ -46,7 +36,9 @@ def main() -> None:
         backend = PackedLlamaBackend(model, weights=weights, activations=activations)
         if backend.native is None:
             raise SystemExit("the C++ helper is unavailable here")
-        modules = {d: build(macro, d) for d in DISTANCES}
+        modules = {d: native.load("packed_llama", {macro: d}) for d in DISTANCES}
+        if None in modules.values():
+            raise SystemExit(f"the C++ helper did not build with one of the {macro} values (see the warning above)")
         times = {d: [] for d in DISTANCES}
         for r in range(args.rounds):
             for d, module in modules.items():

@@ -130,3 +130,31 @@ def test_skinny_linear_rejects_bad_input():
         mod.skinny_linear(torch.zeros(2, 8, dtype=torch.float64), torch.zeros(3, 8, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="contiguous"):
         mod.skinny_linear(torch.zeros(2, 8), torch.zeros(8, 3).t())
+
+
+def test_load_with_defines_is_a_build_of_its_own(monkeypatch):
+    """``defines`` reach the compiler as -D flags, under a module name of their own, and do not touch the default
+    build; a failed variant is remembered under its own key."""
+    import torch.utils.cpp_extension as ext
+
+    calls = []
+
+    def fake_build(name, sources, extra_cflags, extra_ldflags, verbose):
+        calls.append((name, list(extra_cflags)))
+        if "DAERT_PF_16=7" in " ".join(extra_cflags):
+            raise RuntimeError("no compiler")
+        return object()
+
+    monkeypatch.delenv("DAERT_NO_NATIVE", raising=False)
+    monkeypatch.setattr(ext, "load", fake_build)
+    monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.setattr(native, "_failed", {})
+    a = native.load("packed_llama", {"DAERT_PF_F32": 1024})
+    assert a is not None and native.load("packed_llama", {"DAERT_PF_F32": 1024}) is a  # cached
+    assert native.load("packed_llama") is not a
+    (n1, f1), (n2, f2) = calls
+    assert "-DDAERT_PF_F32=1024" in f1 and not any(f.startswith("-D") for f in f2) and n1 != n2
+    assert n2.startswith("daert_packed_llama_") and "pf_f32_1024" in n1
+    with pytest.warns(UserWarning, match="unavailable"):
+        assert native.load("packed_llama", {"DAERT_PF_16": 7}) is None
+    assert native.failure("packed_llama") is None and len(native._failed) == 1

@@ -375,10 +375,10 @@ class PackedLlamaBackend:
             self.layers.append(_Layer(
                 norm1=get_module(blk, lay.input_norm).weight,
                 wqkv=torch.cat([q.weight, k.weight, v.weight]), bqkv=_cat_bias(q, k, v),
-                wo=o.weight.detach().clone(memory_format=torch.contiguous_format), bo=o.bias,
+                wo=o.weight.detach(), bo=o.bias,  # wo, wdown: copied by _to_huge_pages or _quantize
                 norm2=get_module(blk, lay.post_norm).weight,
                 wgu=torch.cat([gate.weight, up.weight]), bgu=_cat_bias(gate, up),
-                wdown=down.weight.detach().clone(memory_format=torch.contiguous_format), bdown=down.bias,
+                wdown=down.weight.detach(), bdown=down.bias,
                 qk_norm=qk_norm,
             ))
         self.embed = get_module(m, self.spec.embed).weight
@@ -452,10 +452,10 @@ class PackedLlamaBackend:
 
         names = ("wqkv", "wo", "wgu", "wdown")
         if self._q_args is None:
-            moved, self.huge_pages = hugepages.copies([getattr(ly, n) for ly in self.layers for n in names]
-                                                      + [self.lm_head])
-            for j, (ly, n) in enumerate((ly, n) for ly in self.layers for n in names):
-                setattr(ly, n, moved[j])
+            slots = [(ly, n) for ly in self.layers for n in names]
+            moved, self.huge_pages = hugepages.copies([getattr(ly, n) for ly, n in slots] + [self.lm_head])
+            for (ly, n), w in zip(slots, moved, strict=False):  # the last one is the LM head's
+                setattr(ly, n, w)
             self.lm_head = moved[-1]
             return
         per = len(self.layers)

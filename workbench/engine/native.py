@@ -32,29 +32,32 @@ def disabled() -> bool:
     return os.environ.get("DAERT_NO_NATIVE", "") not in ("", "0")
 
 
-def load(name: str):
-    """The compiled module for ``csrc/{name}.cpp``, or None (disabled or failed to build)."""
-    if disabled() or name in _failed:
+def load(name: str, defines: dict[str, int] | None = None):
+    """The compiled module for ``csrc/{name}.cpp``, or None (disabled or failed to build). ``defines``: preprocessor
+    values the source reads (``-DNAME=value``), each set a build of its own (benchmarks of build-time constants)."""
+    key = name + "".join(f"_{k.lower()}_{v}" for k, v in sorted((defines or {}).items()))
+    if disabled() or key in _failed:
         return None
-    if name not in _loaded:
+    if key not in _loaded:
         try:
             from torch.utils.cpp_extension import get_default_build_root
             from torch.utils.cpp_extension import load as build
 
-            ext = f"daert_{name}_{_cpu_tag()}"
+            ext = f"daert_{key}_{_cpu_tag()}"
             root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
             if not any(root.glob(f"*/{ext}/{ext}*.so")) and not any(root.glob(f"{ext}/{ext}*.so")):
                 logger.info("compiling the C++ helper %r for this CPU (first use only; about a minute) into %s",
-                            name, root)
-            _loaded[name] = build(name=ext, sources=[str(_SRC / f"{name}.cpp")],
-                                  extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                                  extra_ldflags=["-fopenmp"], verbose=False)
+                            key, root)
+            flags = [f"-D{k}={v}" for k, v in sorted((defines or {}).items())]
+            _loaded[key] = build(name=ext, sources=[str(_SRC / f"{name}.cpp")],
+                                 extra_cflags=["-O3", "-march=native", "-fopenmp", *flags],
+                                 extra_ldflags=["-fopenmp"], verbose=False)
         except Exception as e:  # no compiler, no ninja, read-only cache ...
-            _failed[name] = f"{type(e).__name__}: {e}"
-            warnings.warn(f"daert: C++ helper {name!r} unavailable, using the Python path ({_failed[name][:200]})",
+            _failed[key] = f"{type(e).__name__}: {e}"
+            warnings.warn(f"daert: C++ helper {key!r} unavailable, using the Python path ({_failed[key][:200]})",
                           stacklevel=2)
             return None
-    return _loaded[name]
+    return _loaded[key]
 
 
 def failure(name: str) -> str | None:

@@ -30,7 +30,6 @@
 
 using torch::Tensor;
 
-
 static Tensor rms(const Tensor& x, const Tensor& w, double eps) {
   // LlamaRMSNorm in fp32: w * (x * rsqrt(mean(x^2) + eps))
   return w * (x * at::rsqrt(x.pow(2).mean({-1}, true).add_(eps)));
