@@ -19,7 +19,8 @@ round-robin), so the chosen defaults are not fitted to the facts that measure th
 Each configuration edits every sweep fact alone (``workbench.surgery.Editor``), measures it
 (``workbench.surgery.metrics.evaluate_requests`` against the unedited model) and undoes it. Configurations are
 ranked by the number of ROME targets met (greedy edit >= 0.95, paraphrase >= 0.80, neighbourhood unchanged
->= 0.90), then the mean of the three greedy rates, then the ROME scores.
+>= 0.90), then the smallest margin above a target, then the mean of the three greedy rates, then the ROME
+scores (``rank_key``). ``--rank SWEEP_JSON --out RANKED_JSON`` ranks a written sweep again without editing.
 
     .venv/bin/python experiments/sweep_edit_smollm2.py [--limit 12] [--layers 2 3 4 6]
 
@@ -51,11 +52,31 @@ def split(reqs, eval_size: int) -> tuple[list, list]:
 
 
 def rank_key(row: dict) -> tuple:
+    """Targets met, then the smallest margin above a target (a default that clears every target by the most is
+    the least likely to fall below one on other facts), then the mean greedy rate, then the ROME scores."""
     g, r = row["greedy"], row["rome"]
     rates = [g["rewrite_greedy"], g["rephrase_greedy"] or 0, g["neighborhood_greedy"] or 0]
-    met = sum(v >= SINGLE_TARGETS[k] for k, v in zip(SINGLE_TARGETS, rates, strict=True))
+    margins = [v - SINGLE_TARGETS[k] for k, v in zip(SINGLE_TARGETS, rates, strict=True)]
+    met = sum(m >= 0 for m in margins)
     rome = (r["efficacy_score"] + (r["paraphrase_score"] or 0) + (r["neighborhood_score"] or 0)) / 3
-    return (met, round(sum(rates) / 3, 6), round(rome, 6))
+    return (met, round(min(margins), 6), round(sum(rates) / 3, 6), round(rome, 6))
+
+
+def rank_file(path: Path, out: Path) -> None:
+    """Rank the configurations of a written sweep (no editing) and write the ranking and the choice to ``out``."""
+    sweep = json.loads(path.read_text())
+    rows = sorted(sweep["configs"], key=rank_key, reverse=True)
+    print(f"{'config':<104}{'met':>5}{'min margin':>12}{'mean':>8}")
+    ranking = []
+    for row in rows:
+        met, margin, mean, rome = rank_key(row)
+        ranking.append({"overrides": row["overrides"], "targets_met": met, "min_margin": margin,
+                        "mean_greedy": mean, "mean_rome": rome})
+        print(f"{json.dumps(row['overrides']):<104}{met:>5}{margin:>12.3f}{mean:>8.3f}")
+    result = {"source": str(path), "source_commit": sweep.get("commit"), "n_facts": sweep["n_facts"],
+              "targets": SINGLE_TARGETS, "ranking": ranking, "chosen": rows[0]["overrides"]}
+    write_json(out, {**provenance(), **result})
+    print(f"chosen: {json.dumps(rows[0]['overrides'])}\nwrote {out}")
 
 
 def specificity(model, tok, reqs, layers, stats, prefixes, ridge: float) -> list[dict]:
@@ -132,7 +153,12 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=OUT / "sweep_smollm2.json")
+    ap.add_argument("--rank", type=Path, default=None, metavar="SWEEP_JSON",
+                    help="only rank the configurations of a written sweep and write the choice to --out")
     args = ap.parse_args()
+    if args.rank is not None:
+        rank_file(args.rank, args.out)
+        return
 
     import workbench
     from workbench.surgery.compute import context_prefixes

@@ -28,6 +28,11 @@ class HparamsError(WorkbenchError, ValueError):
     """Hyperparameters that do not fit the model or the method."""
 
 
+def _check_passes(hp) -> None:
+    if not isinstance(hp.spread_passes, int) or hp.spread_passes < 1:
+        raise HparamsError(f"{type(hp).__name__}: spread_passes must be an integer >= 1, got {hp.spread_passes!r}")
+
+
 @dataclass
 class StatsConfig:
     """Second-moment statistics of MLP keys (see :mod:`workbench.surgery.stats`)."""
@@ -75,6 +80,10 @@ class MEMITHparams(ValueOpt):
     stats: StatsConfig = field(default_factory=StatsConfig)
     mom2_weight: float = 15_000.0  # λ_C in ΔW = R Kᵀ (λ_C C + K Kᵀ)⁻¹ (Meng et al. 2023, eq. 14)
     ridge: float = 0.0
+    spread_passes: int = 1  # sweeps over the layer range, each on the residual the previous ones left
+
+    def __post_init__(self):
+        _check_passes(self)
 
 
 @dataclass
@@ -85,6 +94,10 @@ class AlphaEditHparams(ValueOpt):
     null_threshold: float = 1e-2
     l2: float = 10.0  # α in ΔW = R K₁ᵀ P (P(K_p K_pᵀ + K₁K₁ᵀ)P + α I)⁻¹ (Fang et al. 2025, eq. 13)
     ridge: float = 0.0
+    spread_passes: int = 1  # sweeps over the layer range, each on the residual the previous ones left
+
+    def __post_init__(self):
+        _check_passes(self)
 
 
 @dataclass

@@ -9,6 +9,11 @@ Transformer", Alg. 1).
 
        ΔW = R Kᵀ (λ C + K Kᵀ)⁻¹,     λ = mom2_weight.
 
+With ``spread_passes`` > 1, step 2 is repeated on what is still missing (``z`` is kept, the keys and ``hᴸ`` are
+read again): each solve delivers only part of its residual (the ``λC`` or ``α I`` term shrinks it), so the
+first pass can leave much of ``δ`` undelivered at ``L``; ``info["requests"][i]["delta_reached"]`` reports how
+much arrived.
+
 With one request and one layer, Sherman–Morrison gives ``ΔW = δ (C⁻¹k)ᵀ / (λ + kᵀC⁻¹k)``: ROME's update
 scaled by ``kᵀC⁻¹k / (λ + kᵀC⁻¹k)``.
 """
@@ -38,14 +43,15 @@ def spread_edit(editor, requests, weights, solve) -> dict:
     out_hook = f"blocks.{last}.hook_resid_post"
     z = hook_at_subject(model, tok, out_hook, requests) + torch.stack([v.delta for v in vals])
     per_layer = []
-    for i, layer in enumerate(layers):
-        keys = compute_keys(model, tok, layer, requests, prefixes)
-        cur = hook_at_subject(model, tok, out_hook, requests)
-        resid = (z - cur) / (len(layers) - i)
-        dw = solve(layer, keys, resid)
-        weights.add(layer, dw)
-        per_layer.append({"layer": layer, "resid_norm": float(resid.norm(dim=-1).mean()),
-                          "update_norm": float(dw.norm())})
+    for spread in range(getattr(hp, "spread_passes", 1)):
+        for i, layer in enumerate(layers):
+            keys = compute_keys(model, tok, layer, requests, prefixes)
+            cur = hook_at_subject(model, tok, out_hook, requests)
+            resid = (z - cur) / (len(layers) - i)
+            dw = solve(layer, keys, resid)
+            weights.add(layer, dw)
+            per_layer.append({"pass": spread, "layer": layer, "resid_norm": float(resid.norm(dim=-1).mean()),
+                              "update_norm": float(dw.norm())})
     # fraction of each δ the updated weights deliver at the last layer: <h_final - h_start, δ> / |δ|²
     d = torch.stack([v.delta for v in vals])
     moved = hook_at_subject(model, tok, out_hook, requests) - (z - d)

@@ -271,6 +271,40 @@ def test_alphaedit_update_leaves_preserved_keys_alone(tiny_stats):
     assert alpha.info["requests"][0]["delta_reached"] > 0.1
 
 
+@pytest.mark.parametrize("method", ["memit", "alphaedit"])
+def test_more_spread_passes_deliver_more_of_delta(method, tiny_stats):
+    """A strong regulariser leaves most of δ undelivered after one sweep over the layers; each further sweep
+    (``spread_passes``) solves for what is still missing, so ``delta_reached`` grows towards 1. The value
+    vector is the same in every run (same seed, same model before the spread), and AlphaEdit's updates stay
+    in the null space."""
+    from workbench.surgery.alphaedit import null_projector
+
+    reg = {"memit": {"mom2_weight": 500.0}, "alphaedit": {"null_threshold": 1e-3, "l2": 2.0}}[method]
+    reached, deltas = [], []
+    for passes in (1, 2, 4):
+        m, tok = fresh()
+        res = edit_model(m, tok, [REQ], method=method, hparams=dict(VALUE, layers=[0, 1], spread_passes=passes, **reg),
+                         evaluate=False, stats=tiny_stats)
+        info = res.info["requests"][0]
+        reached.append(info["delta_reached"])
+        deltas.append(info["delta"])
+        assert [e["pass"] for e in res.info["layers"]] == [p for p in range(passes) for _ in (0, 1)]
+        if method == "alphaedit":
+            for i in (0, 1):
+                d = res.deltas[f"model.layers.{i}.mlp.down_proj.weight"].double()
+                p = null_projector(tiny_stats.second_moment(i), reg["null_threshold"])
+                assert float((d - d @ p).norm() / d.norm()) < 1e-6
+    assert deltas[0] == deltas[1] == deltas[2]
+    assert reached[0] < 0.6, reached  # the regulariser holds the first sweep back
+    assert reached[0] < reached[1] < reached[2] < 1.05, reached
+
+
+def test_spread_passes_below_one_refused():
+    for method in ("memit", "alphaedit"):
+        with pytest.raises(HparamsError, match="spread_passes"):
+            load_hparams(method, overrides={"spread_passes": 0})
+
+
 def test_alphaedit_editor_protects_earlier_edits(tiny_stats):
     """Sequential AlphaEdit through one Editor: the second update barely moves the first edit's key, because the
     editor accumulated it; a fresh editor (no accumulated keys) on the same once-edited model moves it."""
