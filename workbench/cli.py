@@ -27,6 +27,7 @@ BACKENDS = ("auto", "hf", "packed-llama")
 WEIGHT_FORMATS = ("fp32", "bf16", "fp16", "int8", "q4")  # workbench.engine.weights.FORMATS (not imported at startup)
 ACTIVATION_FORMATS = ("fp32", "q8")  # workbench.engine.weights.ACTIVATIONS
 GRAPH_MODES = ("off", "cuda", "eager")  # workbench.engine.graphs.MODES
+PREFILL_GEMMS = ("aten", "onednn")  # workbench.engine.weights.PREFILLS
 STRATEGIES = ("sample", "beam", "speculative")
 
 
@@ -55,6 +56,8 @@ def _add_gen_args(p: argparse.ArgumentParser) -> None:
                    help="with --weights q4: take this GGUF's Q4_1 blocks as they are where they match the model")
     p.add_argument("--activations", default="fp32", choices=ACTIVATION_FORMATS,
                    help="with --weights int8 or q4: q8 quantizes the decode steps' matmul inputs (integer dot products)")
+    p.add_argument("--prefill", default=None, choices=PREFILL_GEMMS,
+                   help="packed backend's prefill GEMM (default: aten in fp32, bitwise HF; onednn in the other formats)")
     p.add_argument("--graphs", default="off", choices=GRAPH_MODES,
                    help="cuda: replay each decode step from one captured CUDA graph (hf backend on CUDA)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (None: the physical cores)")
@@ -252,7 +255,8 @@ def _engine(args, model, tok):
     threads = DEFAULT_POLICY if args.threads is None else ThreadPolicy(args.threads, args.threads)
     engine = Engine(model, tok, threads=threads, backend=args.backend, adapters=registry_for(args, model),
                     weights=getattr(args, "weights", "fp32"), gguf=getattr(args, "weights_gguf", None),
-                    activations=getattr(args, "activations", "fp32"), graphs=getattr(args, "graphs", "off"))
+                    activations=getattr(args, "activations", "fp32"), graphs=getattr(args, "graphs", "off"),
+                    prefill=getattr(args, "prefill", None))
     if getattr(args, "control_vector", None) is not None or getattr(args, "strength", None) is not None:
         from workbench.surgery.steer import control_context
 

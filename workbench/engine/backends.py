@@ -171,13 +171,13 @@ class _Layer:
     wdown: torch.Tensor  # [d, intermediate]
     bdown: torch.Tensor | None
     qk_norm: torch.Tensor | None = None  # [heads + kv_heads, 1, head_dim]: per-head q/k RMSNorm weights (Qwen3)
-    # low-precision formats: the dequantized matrices reordered once for oneDNN's GEMM (prefills), by name
+    # prefill="onednn": the matrices prefills multiply by, reordered once for oneDNN's GEMM, by name
     prepacked: dict | None = None
 
 
 def _linear(ly: _Layer, name: str, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``x @ W.T + b`` for matrix ``name`` of ``ly``: through its oneDNN-prepacked copy when it has one (the same
-    values; prefills of the low-precision formats), else ``F.linear`` (bitwise HF's, fp32)."""
+    values; ``prefill="onednn"``), else ``F.linear`` (bitwise HF's, fp32)."""
     packed = ly.prepacked.get(name) if ly.prepacked else None  # biased matrices are never prepacked
     if packed is None:
         return F.linear(x, getattr(ly, name), bias)
@@ -239,7 +239,7 @@ class PackedLlamaBackend:
     SKINNY_MAX_ROWS = 16  # rows up to which the native LM head runs the skinny kernel (as in the C++ file)
 
     def __init__(self, model, native: bool | None = None, weights: str = "fp32", gguf=None,
-                 activations: str = "fp32"):
+                 activations: str = "fp32", prefill: str | None = None):
         """``native``: run the layer loop in the compiled C++ helper (prefill: the same ATen ops, bitwise-equal
         results; decode steps: fused loops around the four weight matmuls, equal within float rounding).
         None = when available (fp32, bias-free layers without q/k norms, helper builds), False = Python.
@@ -250,14 +250,19 @@ class PackedLlamaBackend:
         ``activations="q8"`` (int8 and q4 weights): the C++ decode loop's matmuls (steps of up to 16 rows in
         all, and the LM head on them) quantize their inputs to int8 blocks of 32 and use integer dot products, as
         llama.cpp does; the inputs' rounding is added to the weights'. Longer prefills, more rows and the Python
-        loop (hooks inside attention) compute with float32 activations. Refused where the C++ loop is unavailable."""
-        from workbench.engine.weights import check_activations, check_format
+        loop (hooks inside attention) compute with float32 activations. Refused where the C++ loop is unavailable.
+        ``prefill``: the GEMM of prefills past the fused loop (:data:`workbench.engine.weights.PREFILLS`): ``aten``
+        (F.linear; in fp32 HF's own call, so prefill logits are HF's bits) or ``onednn`` (copies reordered once for
+        oneDNN: faster, its own float rounding, one more float32 copy of the layer matrices). None: ``aten`` for
+        fp32, ``onednn`` for the other formats."""
+        from workbench.engine.weights import check_activations, check_format, resolve_prefill
 
         why = self.unsupported(model)
         if why:
             raise ValueError(f"backend 'packed-llama' cannot run this model: {why}")
         self.weights = check_format(weights)
         self.activations = check_activations(activations, weights)
+        self.prefill = resolve_prefill(prefill, weights)
         if weights != "fp32" and next(model.parameters()).dtype != torch.float32:
             raise ValueError(f"weights={weights!r} quantizes float32 models; this one is "
                              f"{next(model.parameters()).dtype}")
@@ -388,6 +393,7 @@ class PackedLlamaBackend:
         self.lm_bias = head.bias
         self._quantize()
         self._to_huge_pages()
+        self._prepack()
         rope = get_module(m, self.spec.rotary)
         self.inv_freq = rope.inv_freq.float().clone()
         self.attention_scaling = float(rope.attention_scaling)
@@ -431,19 +437,23 @@ class PackedLlamaBackend:
                 if scale is not None:
                     self._q_scales.append(scale)
         self._q_args = tuple(stored[n] for n in names)
-        if torch.backends.mkldnn.is_available():
-            # prefills multiply by the dequantized copies; oneDNN's GEMM on copies reordered once runs a 41-token
-            # SmolLM2 prefill ~1.4x as fast as F.linear on a 2-core AVX2 EPYC (one more float32 copy of the layers)
-            bias = {"wqkv": "bqkv", "wo": "bo", "wgu": "bgu", "wdown": "bdown"}
-            for ly in self.layers:
-                ly.prepacked = {n: torch.ops.mkldnn._reorder_linear_weight(getattr(ly, n), 64) for n in names
-                                if getattr(ly, bias[n]) is None}
         if self._gguf_blocks is not None and self._fingerprint is None and self.weights_from["gguf"] == 0:
             raise ValueError("none of the GGUF file's Q4_1 blocks equals this model's weights (another model, "
                              "or not a Q4_1 file): leave out gguf= to quantize from the model")
         # the LM head stays 8-bit under q4, as llama.cpp's 4-bit files keep their output matrix at 6-8 bits
         q = quantize(self.lm_head, "int8" if self.weights == "q4" else self.weights)
         self.lm_head, self.lm_head_q, self.lm_head_s = q.dequantized, q.stored, q.scale
+
+    def _prepack(self) -> None:
+        """``prefill="onednn"``: the layer matrices prefills multiply by (fp32, or the dequantized copies) reordered
+        once for oneDNN's GEMM, which runs a 41-token SmolLM2 prefill ~1.4x as fast as F.linear on a 2-core AVX2
+        EPYC."""
+        if self.prefill != "onednn":
+            return
+        bias = {"wqkv": "bqkv", "wo": "bo", "wgu": "bgu", "wdown": "bdown"}
+        for ly in self.layers:  # biased matrices keep F.linear
+            ly.prepacked = {n: torch.ops.mkldnn._reorder_linear_weight(getattr(ly, n), 64) for n in bias
+                            if getattr(ly, bias[n]) is None}
 
     def _to_huge_pages(self) -> None:
         """Move the matrices the skinny kernel streams (the layers' and the LM head's, in the format it reads) into
@@ -687,13 +697,16 @@ class PackedLlamaBackend:
 BACKENDS = {"hf": HFBackend, "packed-llama": PackedLlamaBackend}
 
 
-def make_backend(model, name="auto", weights: str = "fp32", gguf=None, activations: str = "fp32"):
+def make_backend(model, name="auto", weights: str = "fp32", gguf=None, activations: str = "fp32",
+                 prefill: str | None = None):
     """Build backend ``name`` (exact name, or ``auto``) for ``model``; a backend instance is used as is.
-    ``weights`` other than fp32 (and ``activations`` other than fp32) are packed-backend formats: refused for a
-    model or backend that cannot run them."""
-    from workbench.engine.weights import check_activations
+    ``weights`` other than fp32 (and ``activations`` other than fp32, and a ``prefill`` GEMM) are packed-backend
+    choices: refused for a model or backend that cannot run them."""
+    from workbench.engine.weights import check_activations, resolve_prefill
 
     check_activations(activations, weights)
+    if prefill is not None:
+        resolve_prefill(prefill, weights)
     if not isinstance(name, str):
         if getattr(name, "model", None) is not model:
             raise ValueError("the backend instance was built for another model")
@@ -705,18 +718,27 @@ def make_backend(model, name="auto", weights: str = "fp32", gguf=None, activatio
         if getattr(name, "activations", "fp32") != activations:
             raise ValueError(f"the backend instance computes with activations="
                              f"{getattr(name, 'activations', 'fp32')!r}, not {activations!r}")
+        if prefill is not None and getattr(name, "prefill", None) != prefill:
+            raise ValueError(f"the backend instance runs prefills with {getattr(name, 'prefill', 'its own GEMM')!r}, "
+                             f"not {prefill!r}")
         return name
     if name == "auto":
         why = PackedLlamaBackend.unsupported(model)
         if why is None:
-            return PackedLlamaBackend(model, weights=weights, gguf=gguf, activations=activations)
+            return PackedLlamaBackend(model, weights=weights, gguf=gguf, activations=activations, prefill=prefill)
         if weights != "fp32":
             raise ValueError(f"weights={weights!r} needs the packed backend, which cannot run this model: {why}")
+        if prefill is not None:
+            raise ValueError(f"prefill={prefill!r} chooses the packed backend's GEMM, which cannot run this model: "
+                             f"{why}")
         return HFBackend(model)
     if name not in BACKENDS:
         raise UnknownNameError("engine backend", name, [*BACKENDS, "auto"])
     if name == "packed-llama":
-        return PackedLlamaBackend(model, weights=weights, gguf=gguf, activations=activations)
+        return PackedLlamaBackend(model, weights=weights, gguf=gguf, activations=activations, prefill=prefill)
+    if prefill is not None:
+        raise ValueError(f"prefill={prefill!r} chooses the packed backend's GEMM; backend {name!r} runs the model's "
+                         "own forward")
     if weights != "fp32":
         raise ValueError(f"weights={weights!r} is a packed-backend format; backend {name!r} computes with the "
                          "model's own weights")

@@ -67,6 +67,8 @@ class Engine:
     greedy output equals HF's only in fp32. ``gguf``: with ``weights="q4"``, a GGUF file whose Q4_1 blocks are
     used as they are wherever they still equal the model's weights. ``activations="q8"`` (with ``int8`` or ``q4``
     weights): decode matmuls quantize their inputs to int8 blocks and use integer dot products (as llama.cpp).
+    ``prefill``: the packed backend's prefill GEMM, ``"aten"`` (the fp32 default: HF's bits) or ``"onednn"`` (the
+    other formats' default; faster, not bitwise HF's, one more float32 copy of the layers).
     ``graphs``: ``"off"``, ``"cuda"`` (each generate call's decode steps, the next-token choice included, are
     captured once as a CUDA graph and replayed; the ``hf`` backend on CUDA, sampling strategy only) or
     ``"eager"`` (the same fixed-buffer step without capture); see :mod:`workbench.engine.graphs`.
@@ -76,7 +78,7 @@ class Engine:
 
     def __init__(self, model, tokenizer, *, threads: ThreadPolicy | None = DEFAULT_POLICY, backend: str = "auto",
                  sampler: str = "auto", prefill_chunk: int = 2048, adapters=None, weights: str = "fp32",
-                 gguf=None, activations: str = "fp32", graphs: str = "off"):
+                 gguf=None, activations: str = "fp32", graphs: str = "off", prefill: str | None = None):
         if not hasattr(model, "config") or not callable(model):
             raise TypeError("Engine needs a Hugging Face causal LM (a module with .config)")
         self.model = model
@@ -86,8 +88,8 @@ class Engine:
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = 0 if pad is None else pad
-        self.weights, self.gguf, self.activations = weights, gguf, activations
-        self.backend = make_backend(model, backend, weights, gguf, activations)
+        self.weights, self.gguf, self.activations, self.prefill = weights, gguf, activations, prefill
+        self.backend = make_backend(model, backend, weights, gguf, activations, prefill)
         self._auto_backend = isinstance(backend, str) and backend == "auto"
         self._backends = {self.backend.name: self.backend}  # auto: one instance per name (no re-pack per switch)
         if sampler not in self.SAMPLERS:
@@ -180,7 +182,8 @@ class Engine:
 
     def _backend_named(self, name: str):
         if name not in self._backends:
-            self._backends[name] = make_backend(self.model, name, self.weights, self.gguf, self.activations)
+            self._backends[name] = make_backend(self.model, name, self.weights, self.gguf, self.activations,
+                                                self.prefill if name == "packed-llama" else None)
         return self._backends[name]
 
     # -- the step API -------------------------------------------------------------------------------

@@ -12,7 +12,8 @@
 
 :func:`quantize` returns the stored form and its float32 dequantized copy: the C++ skinny kernel streams the stored
 form (decode steps; :func:`kernel_args` gives its layout), prefills and steps of more than 16 rows multiply by the
-dequantized copy (oneDNN or ATen), so both run the same weights and differ only in float rounding. With ``q8``
+dequantized copy (oneDNN or ATen, :data:`PREFILLS`), so both run the same weights and differ only in float
+rounding. With ``q8``
 activations (``int8`` and ``q4``) the skinny kernel also rounds its inputs to int8 blocks
 (:func:`quantize_activations_q8`; the math in :func:`q8_linear_reference`).
 """
@@ -27,6 +28,9 @@ from workbench.errors import UnknownNameError
 
 FORMATS = ("fp32", "bf16", "fp16", "int8", "q4")
 ACTIVATIONS = ("fp32", "q8")  # what the skinny kernel multiplies the weights with (q8: int8 and q4 weights only)
+# the GEMM of prefills past the fused decode loop: ATen's F.linear (fp32: HF's own call, HF's bits) or oneDNN on
+# copies of the matrices reordered once (faster; float rounding of its own; one more float32 copy of the layers)
+PREFILLS = ("aten", "onednn")
 Q4_BLOCK = 32
 
 
@@ -78,6 +82,19 @@ def q8_linear_reference(x: torch.Tensor, q: Quantized) -> torch.Tensor:
     d, m = q.scale[..., 0].double(), q.scale[..., 1].double()
     xsum = x.double().reshape(M, 1, nb, Q4_BLOCK).sum(-1)
     return ((xb * wq).sum(-1) * d * dx.double()[:, None] + m * xsum).sum(-1)
+
+
+def resolve_prefill(name: str | None, weights: str) -> str:
+    """The prefill GEMM for ``name`` (None: ``aten`` for fp32, ``onednn`` for the other formats where torch has
+    oneDNN)."""
+    onednn = torch.backends.mkldnn.is_available()
+    if name is None:
+        return "onednn" if weights != "fp32" and onednn else "aten"
+    if name not in PREFILLS:
+        raise UnknownNameError("prefill GEMM", name, list(PREFILLS))
+    if name == "onednn" and not onednn:
+        raise ValueError("prefill='onednn' needs a torch built with oneDNN (torch.backends.mkldnn); use 'aten'")
+    return name
 
 
 def check_format(name: str) -> str:
