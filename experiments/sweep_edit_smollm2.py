@@ -20,7 +20,8 @@ Each configuration edits every sweep fact alone (``workbench.surgery.Editor``), 
 (``workbench.surgery.metrics.evaluate_requests`` against the unedited model) and undoes it. Configurations are
 ranked by the number of ROME targets met (greedy edit >= 0.95, paraphrase >= 0.80, neighbourhood unchanged
 >= 0.90), then the smallest margin above a target, then the mean of the three greedy rates, then the ROME
-scores (``rank_key``). ``--rank SWEEP_JSON --out RANKED_JSON`` ranks a written sweep again without editing.
+scores (``rank_key``). ``--rank SWEEP_JSON [...] --out RANKED_JSON`` ranks written sweeps of the same facts
+together, without editing; ``--base JSON`` overrides the base configuration of stages 1-2.
 
     .venv/bin/python experiments/sweep_edit_smollm2.py [--limit 12] [--layers 2 3 4 6]
 
@@ -62,10 +63,13 @@ def rank_key(row: dict) -> tuple:
     return (met, round(min(margins), 6), round(sum(rates) / 3, 6), round(rome, 6))
 
 
-def rank_file(path: Path, out: Path) -> None:
-    """Rank the configurations of a written sweep (no editing) and write the ranking and the choice to ``out``."""
-    sweep = json.loads(path.read_text())
-    rows = sorted(sweep["configs"], key=rank_key, reverse=True)
+def rank_files(paths: list[Path], out: Path) -> None:
+    """Rank the configurations of written sweeps (no editing; they must share their facts) and write the ranking
+    and the choice to ``out``."""
+    sweeps = [json.loads(p.read_text()) for p in paths]
+    if len({tuple(s["case_ids"]) for s in sweeps}) != 1:
+        raise SystemExit("--rank: the sweeps edit different facts; their rates do not compare")
+    rows = sorted((row for s in sweeps for row in s["configs"]), key=rank_key, reverse=True)
     print(f"{'config':<104}{'met':>5}{'min margin':>12}{'mean':>8}")
     ranking = []
     for row in rows:
@@ -73,8 +77,9 @@ def rank_file(path: Path, out: Path) -> None:
         ranking.append({"overrides": row["overrides"], "targets_met": met, "min_margin": margin,
                         "mean_greedy": mean, "mean_rome": rome})
         print(f"{json.dumps(row['overrides']):<104}{met:>5}{margin:>12.3f}{mean:>8.3f}")
-    result = {"source": str(path), "source_commit": sweep.get("commit"), "n_facts": sweep["n_facts"],
-              "targets": SINGLE_TARGETS, "ranking": ranking, "chosen": rows[0]["overrides"]}
+    result = {"sources": [{"file": str(p), "commit": s.get("commit")} for p, s in zip(paths, sweeps, strict=True)],
+              "n_facts": sweeps[0]["n_facts"], "targets": SINGLE_TARGETS, "ranking": ranking,
+              "chosen": rows[0]["overrides"]}
     write_json(out, {**provenance(), **result})
     print(f"chosen: {json.dumps(rows[0]['overrides'])}\nwrote {out}")
 
@@ -153,12 +158,21 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=OUT / "sweep_smollm2.json")
-    ap.add_argument("--rank", type=Path, default=None, metavar="SWEEP_JSON",
-                    help="only rank the configurations of a written sweep and write the choice to --out")
+    ap.add_argument("--base", default="{}", metavar="JSON",
+                    help=f"overrides of the stages' base configuration {json.dumps(BASE)}")
+    ap.add_argument("--rank", type=Path, nargs="+", default=None, metavar="SWEEP_JSON",
+                    help="only rank the configurations of written sweeps (on the same facts) and write the choice "
+                         "to --out")
     args = ap.parse_args()
     if args.rank is not None:
-        rank_file(args.rank, args.out)
+        rank_files(args.rank, args.out)
         return
+    try:
+        base = {**BASE, **json.loads(args.base)}
+    except (json.JSONDecodeError, TypeError) as e:
+        ap.error(f"--base: not a JSON object ({e})")
+    if set(base) != set(BASE):
+        ap.error(f"--base: unknown fields {sorted(set(base) - set(BASE))}; known: {sorted(BASE)}")
 
     import workbench
     from workbench.surgery.compute import context_prefixes
@@ -185,7 +199,7 @@ def main() -> None:
     rows: list[dict] = []
     result = {"model": args.model, "n_facts": len(reqs), "case_ids": [r.case_id for r in reqs],
               "evaluation_case_ids": [r.case_id for r in evaluation], "layers": layers, "layers_from": source,
-              "base": BASE, "configs": rows}
+              "base": base, "configs": rows}
 
     t0 = time.time()
     spec_reqs = pick(rest, None)
@@ -212,11 +226,11 @@ def main() -> None:
     print(f"\nstages 1-2: ROME on {len(reqs)} facts (case ids {result['case_ids']})")
     print(f"{'config':<104}{'edit':>7}{'para':>7}{'neigh':>7}{'eff_s':>7}{'par_s':>7}{'nei_s':>7}{'s':>7}")
     for layer in args.reference:  # subject-token values (the previous defaults at layer 6), for comparison
-        run({"layer": layer, "value_through_update": False, **BASE})
+        run({"layer": layer, "value_through_update": False, **base})
     for layer in layers:
         for mode in args.values:
             if not (layer in args.reference and mode == "subject"):
-                run({"layer": layer, "value_through_update": VALUE_MODES[mode], **BASE})
+                run({"layer": layer, "value_through_update": VALUE_MODES[mode], **base})
     best = dict(max(rows, key=rank_key)["overrides"])
     for name, values in (("clamp_norm_factor", args.clamps), ("kl_factor", args.kls), ("v_steps", args.steps)):
         for value in values:
