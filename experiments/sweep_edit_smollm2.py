@@ -204,7 +204,8 @@ def main() -> None:
     t0 = time.time()
     spec_reqs = pick(rest, None)
     prefixes = context_prefixes(model, tok, hp0.n_prefixes, hp0.prefix_len, hp0.seed)
-    result["specificity"] = specificity(model, tok, spec_reqs, args.specificity_layers, stats, prefixes, hp0.ridge)
+    result["specificity"] = specificity(model, tok, spec_reqs, args.specificity_layers, stats, prefixes,
+                                        hp0.ridge) if args.specificity_layers else []  # stage 0 off
     result["specificity_facts"] = len(spec_reqs)
     print(f"stage 0: key specificity over {len(spec_reqs)} facts ({time.time() - t0:.0f} s)")
     print(f"{'layer':>6}{'rho edit':>10}{'rho para':>10}{'|rho| neigh':>13}{'neigh/para':>12}")
