@@ -126,6 +126,7 @@ def main() -> None:
     import workbench
     from workbench.data.windows import token_windows
     from workbench.eval.perplexity import perplexity
+    from workbench.surgery.hparams import load_hparams
     from workbench.surgery.requests import load_requests
     from workbench.surgery.sequential import plot_sequential, run_sequential
 
@@ -165,6 +166,7 @@ def main() -> None:
             results.append(r)
             last = r.points[-1]
             run = r.to_dict()
+            run["hparams"] = _hp(load_hparams(method, model))  # the defaults file's, as run_sequential loads them
             run["final"] = {k: last.get(k) for k in ("n_edits", "retention_greedy", "efficacy_score",
                                                      "neighborhood_greedy", "locality", "ppl")}
             run["final"]["ppl_ratio"] = last["ppl"] / base_ppl
