@@ -32,7 +32,7 @@ def git_commit(repo: Path = ROOT) -> str:
 
 
 def machine() -> str:
-    from workbench.cpu import cpu_name, physical_cores
+    from workbench.cpu import cpu_name, physical_cores, vector_isa
 
     try:
         import torch
@@ -41,7 +41,8 @@ def machine() -> str:
             return f"{torch.cuda.get_device_name(0)} (host: {cpu_name()})"
     except ImportError:
         pass
-    return f"{platform.machine()} {cpu_name()}, {physical_cores()} physical cores"
+    isa = vector_isa()
+    return f"{platform.machine()} {cpu_name()}{f' ({isa})' if isa else ''}, {physical_cores()} physical cores"
 
 
 def versions() -> dict[str, str]:

@@ -5,7 +5,14 @@ import platform
 
 import pytest
 
-from workbench.cpu import count_cores, cpu_flags, fast_bf16, parse_cpuinfo_topology, physical_cores
+from workbench.cpu import (
+    count_cores,
+    cpu_flags,
+    fast_bf16,
+    parse_cpuinfo_topology,
+    physical_cores,
+    vector_isa,
+)
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 flag names")
@@ -14,6 +21,14 @@ def test_fast_bf16_needs_native_instructions():
     assert fast_bf16({"avx2", "avx512f", "avx512_bf16"})
     assert fast_bf16({"amx_tile", "amx_bf16"})
     assert fast_bf16() == bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def test_vector_isa_names_the_widest_extension():
+    assert vector_isa({"sse4_2", "avx2", "fma"}) == "AVX2"
+    assert vector_isa({"avx2", "avx512f", "avx512_vnni", "avx512_bf16"}) == "AVX-512 BF16"
+    assert vector_isa({"avx2", "avx512f"}) == "AVX-512"
+    assert vector_isa({"avx512f", "amx_tile", "amx_bf16", "avx512_bf16"}) == "AMX"
+    assert vector_isa({"neon", "asimd"}) is None
 
 
 HYPERTHREADED = {0: (0, 0), 1: (0, 1), 2: (0, 0), 3: (0, 1)}  # 2 cores x 2 hyperthreads, Linux numbering

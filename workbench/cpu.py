@@ -35,6 +35,18 @@ def cpu_name() -> str:
     return _cpuinfo("model name") or platform.processor() or "unknown CPU"
 
 
+# the widest x86 vector extensions, widest first: (flag, name in benchmark records)
+_X86_VECTOR = (("amx_bf16", "AMX"), ("avx512_bf16", "AVX-512 BF16"), ("avx512_vnni", "AVX-512 VNNI"),
+               ("avx512f", "AVX-512"), ("avx2", "AVX2"))
+
+
+def vector_isa(flags: set[str] | None = None) -> str | None:
+    """The widest x86 vector extension this CPU reports (e.g. ``"AVX-512 BF16"``), for benchmark records; None
+    elsewhere or without any of them."""
+    flags = cpu_flags() if flags is None else flags
+    return next((name for flag, name in _X86_VECTOR if flag in flags), None)
+
+
 def fast_bf16(flags: set[str] | None = None) -> bool:
     """True if bfloat16 matmuls run natively on this CPU (x86: avx512_bf16 or amx_bf16; ARM: bf16)."""
     flags = cpu_flags() if flags is None else flags
