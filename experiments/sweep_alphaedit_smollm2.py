@@ -48,6 +48,8 @@ def run_config(model, tok, order, batch: int, overrides: dict, pairs) -> dict:
     finally:
         editor.undo_all()
     exact = all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
+    if not exact:  # the next configuration would start from edited weights
+        raise SystemExit(f"undo did not restore the weights bit-exactly after {overrides}")
     for row, r, h in zip(per, order, held, strict=True):
         row.update(case_id=r.case_id, edit=f"{r.subject} -> {r.target_new}", held=h)
     return {"overrides": overrides, "hparams": hparams_to_dict(hp), "seconds": time.time() - t0,

@@ -157,16 +157,20 @@ def main() -> None:
     ap.add_argument("--trace", type=Path, default=OUT / "trace_smollm2.json")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=OUT / "sweep_smollm2.json")
+    ap.add_argument("--out", type=Path, default=None, help="results file (default: sweep_smollm2.json in "
+                    "experiments/results/editing; with --rank it must be given)")
     ap.add_argument("--base", default="{}", metavar="JSON",
                     help=f"overrides of the stages' base configuration {json.dumps(BASE)}")
     ap.add_argument("--rank", type=Path, nargs="+", default=None, metavar="SWEEP_JSON",
                     help="only rank the configurations of written sweeps (on the same facts) and write the choice "
                          "to --out")
     args = ap.parse_args()
-    if args.rank is not None:
+    if args.rank is not None:  # no editing: the editing flags are not read
+        if args.out is None or args.out.resolve() in {r.resolve() for r in args.rank}:
+            ap.error("--rank needs an --out that is not one of the ranked files")
         rank_files(args.rank, args.out)
         return
+    args.out = args.out or OUT / "sweep_smollm2.json"
     try:
         base = {**BASE, **json.loads(args.base)}
     except (json.JSONDecodeError, TypeError) as e:
@@ -206,7 +210,7 @@ def main() -> None:
     prefixes = context_prefixes(model, tok, hp0.n_prefixes, hp0.prefix_len, hp0.seed)
     result["specificity"] = specificity(model, tok, spec_reqs, args.specificity_layers, stats, prefixes,
                                         hp0.ridge) if args.specificity_layers else []  # stage 0 off
-    result["specificity_facts"] = len(spec_reqs)
+    result["specificity_facts"] = len(spec_reqs) if args.specificity_layers else 0
     print(f"stage 0: key specificity over {len(spec_reqs)} facts ({time.time() - t0:.0f} s)")
     print(f"{'layer':>6}{'rho edit':>10}{'rho para':>10}{'|rho| neigh':>13}{'neigh/para':>12}")
     for s in result["specificity"]:

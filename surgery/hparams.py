@@ -29,7 +29,8 @@ class HparamsError(WorkbenchError, ValueError):
 
 
 def _check_passes(hp) -> None:
-    if not isinstance(hp.spread_passes, int) or hp.spread_passes < 1:
+    passes = getattr(hp, "spread_passes", 1)
+    if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
         raise HparamsError(f"{type(hp).__name__}: spread_passes must be an integer >= 1, got {hp.spread_passes!r}")
 
 
@@ -184,7 +185,9 @@ def load_hparams(method: str, model=None, overrides: dict | None = None, path: s
 
 
 def validate_layers(hp, model) -> None:
-    """Every layer of ``hp`` must exist in ``model`` (checked before any weight changes)."""
+    """Every layer of ``hp`` must exist in ``model``, and ``spread_passes`` be >= 1 (checked before any weight
+    changes, also for a dataclass changed after it was made)."""
+    _check_passes(hp)
     n = model.config.num_hidden_layers
     layers = list(hp.layers)
     if not layers:

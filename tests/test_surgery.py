@@ -299,10 +299,20 @@ def test_more_spread_passes_deliver_more_of_delta(method, tiny_stats):
     assert reached[0] < reached[1] < reached[2] < 1.05, reached
 
 
-def test_spread_passes_below_one_refused():
+def test_spread_passes_below_one_refused(tiny_stats):
+    """Refused when the hyperparameters are made, and at edit time for a dataclass changed afterwards (no weight
+    changed)."""
     for method in ("memit", "alphaedit"):
+        for bad in (0, 1.5, True):
+            with pytest.raises(HparamsError, match="spread_passes"):
+                load_hparams(method, overrides={"spread_passes": bad})
+        m, tok = fresh()
+        hp = load_hparams(method, m, overrides=dict(VALUE, layers=[0, 1]))
+        hp.spread_passes = 0
+        snap = snapshot(m)
         with pytest.raises(HparamsError, match="spread_passes"):
-            load_hparams(method, overrides={"spread_passes": 0})
+            edit_model(m, tok, [REQ], method=method, hparams=hp, evaluate=False, stats=tiny_stats)
+        assert_same_weights(m, snap)
 
 
 def test_alphaedit_editor_protects_earlier_edits(tiny_stats):

@@ -316,6 +316,10 @@ def test_prefill_gemm_refusals():
     with pytest.raises(ValueError, match="runs prefills with 'aten', not 'onednn'"):
         Engine(model, tok, backend=be, prefill="onednn", threads=None)
     assert Engine(model, tok, backend=be, prefill="aten", threads=None).backend is be
+    from workbench.engine.backends import HFBackend
+
+    with pytest.raises(ValueError, match="this backend instance runs the model's own forward"):
+        Engine(model, tok, backend=HFBackend(model), prefill="aten", threads=None)
 
 
 @pytest.mark.parametrize("fmt", LOW)

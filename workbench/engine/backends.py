@@ -719,8 +719,10 @@ def make_backend(model, name="auto", weights: str = "fp32", gguf=None, activatio
             raise ValueError(f"the backend instance computes with activations="
                              f"{getattr(name, 'activations', 'fp32')!r}, not {activations!r}")
         if prefill is not None and getattr(name, "prefill", None) != prefill:
-            raise ValueError(f"the backend instance runs prefills with {getattr(name, 'prefill', 'its own GEMM')!r}, "
-                             f"not {prefill!r}")
+            have = getattr(name, "prefill", None)
+            raise ValueError(f"the backend instance runs prefills with {have!r}, not {prefill!r}" if have else
+                             f"prefill={prefill!r} chooses the packed backend's GEMM; this backend instance runs "
+                             "the model's own forward")
         return name
     if name == "auto":
         why = PackedLlamaBackend.unsupported(model)
