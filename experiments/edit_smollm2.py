@@ -77,6 +77,13 @@ def _row(method, editor, per, seconds, planned: int) -> dict:
     return row
 
 
+def sequential_order(facts, seed: int, n: int) -> list:
+    """The first ``n`` facts of the seeded shuffle the sequential runs edit, in order."""
+    order = list(facts)
+    random.Random(seed).shuffle(order)
+    return order[:n]
+
+
 def _hp(hp) -> dict:
     from workbench.surgery.hparams import hparams_to_dict
 
@@ -126,7 +133,6 @@ def main() -> None:
     import workbench
     from workbench.data.windows import token_windows
     from workbench.eval.perplexity import perplexity
-    from workbench.surgery.hparams import load_hparams
     from workbench.surgery.requests import load_requests
     from workbench.surgery.sequential import plot_sequential, run_sequential
 
@@ -143,9 +149,7 @@ def main() -> None:
         plot_single(out, args.out / "edit_smollm2.png")
 
     if args.seq_edits and args.seq_methods:
-        order = list(facts)
-        random.Random(args.seed).shuffle(order)
-        order = order[:args.seq_edits]
+        order = sequential_order(facts, args.seed, args.seq_edits)
         windows = token_windows(tok, "gpl-3", 256)
         base_ppl = perplexity(model, windows, progress=False).ppl
         seq = {"model": args.model, "n_edits": len(order), "requested_edits": args.seq_edits,
@@ -166,7 +170,6 @@ def main() -> None:
             results.append(r)
             last = r.points[-1]
             run = r.to_dict()
-            run["hparams"] = _hp(load_hparams(method, model))  # the defaults file's, as run_sequential loads them
             run["final"] = {k: last.get(k) for k in ("n_edits", "retention_greedy", "efficacy_score",
                                                      "neighborhood_greedy", "locality", "ppl")}
             run["final"]["ppl_ratio"] = last["ppl"] / base_ppl

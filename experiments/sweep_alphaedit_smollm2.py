@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import time
 from pathlib import Path
 
 import torch
+from edit_smollm2 import sequential_order
 from provenance import provenance, write_json  # experiments/ is the script's folder
 
 OUT = Path("experiments/results/editing/sweep_alphaedit_smollm2.json")
@@ -86,9 +86,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, tok = workbench.load(args.model, device="cpu", progress=False)
     model.eval()
-    order = list(load_requests(args.facts))
-    random.Random(args.seed).shuffle(order)
-    order = order[:args.edits]
+    order = sequential_order(load_requests(args.facts), args.seed, args.edits)
     pairs = sorted({tuple(p) for r in order for p in r.locality})
     rows: list[dict] = []
     result = {"model": args.model, "n_edits": len(order), "batch_size": args.batch, "seed": args.seed,

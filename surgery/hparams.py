@@ -76,11 +76,9 @@ class ROMEHparams(ValueOpt):
 
 
 @dataclass
-class MEMITHparams(ValueOpt):
-    layers: list[int] = field(default_factory=lambda: [0])
-    stats: StatsConfig = field(default_factory=StatsConfig)
-    mom2_weight: float = 15_000.0  # λ_C in ΔW = R Kᵀ (λ_C C + K Kᵀ)⁻¹ (Meng et al. 2023, eq. 14)
-    ridge: float = 0.0
+class SpreadOpt(ValueOpt):
+    """The residual spread over a layer range (MEMIT, AlphaEdit; :func:`workbench.surgery.memit.spread_edit`)."""
+
     spread_passes: int = 1  # sweeps over the layer range, each on the residual the previous ones left
 
     def __post_init__(self):
@@ -88,17 +86,21 @@ class MEMITHparams(ValueOpt):
 
 
 @dataclass
-class AlphaEditHparams(ValueOpt):
+class MEMITHparams(SpreadOpt):
+    layers: list[int] = field(default_factory=lambda: [0])
+    stats: StatsConfig = field(default_factory=StatsConfig)
+    mom2_weight: float = 15_000.0  # λ_C in ΔW = R Kᵀ (λ_C C + K Kᵀ)⁻¹ (Meng et al. 2023, eq. 14)
+    ridge: float = 0.0
+
+
+@dataclass
+class AlphaEditHparams(SpreadOpt):
     layers: list[int] = field(default_factory=lambda: [0])
     stats: StatsConfig = field(default_factory=StatsConfig)
     # null space: eigenvectors of C whose eigenvalue is below null_threshold * the largest eigenvalue
     null_threshold: float = 1e-2
     l2: float = 10.0  # α in ΔW = R K₁ᵀ P (P(K_p K_pᵀ + K₁K₁ᵀ)P + α I)⁻¹ (Fang et al. 2025, eq. 13)
     ridge: float = 0.0
-    spread_passes: int = 1  # sweeps over the layer range, each on the residual the previous ones left
-
-    def __post_init__(self):
-        _check_passes(self)
 
 
 @dataclass

@@ -43,7 +43,7 @@ def spread_edit(editor, requests, weights, solve) -> dict:
     out_hook = f"blocks.{last}.hook_resid_post"
     z = hook_at_subject(model, tok, out_hook, requests) + torch.stack([v.delta for v in vals])
     per_layer = []
-    for spread in range(getattr(hp, "spread_passes", 1)):
+    for spread in range(hp.spread_passes):
         for i, layer in enumerate(layers):
             keys = compute_keys(model, tok, layer, requests, prefixes)
             cur = hook_at_subject(model, tok, out_hook, requests)

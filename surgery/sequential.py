@@ -44,10 +44,11 @@ class SequentialResult:
     edit_seconds: float = 0.0
     eval_seconds: float = 0.0
     undone_exact: bool | None = None
+    hparams: dict | None = None  # the editor's, as a dict
 
     def to_dict(self) -> dict:
         return {"method": self.method, "batch_size": self.batch_size, "n_requests": self.n_requests,
-                "edit_seconds": self.edit_seconds, "eval_seconds": self.eval_seconds,
+                "hparams": self.hparams, "edit_seconds": self.edit_seconds, "eval_seconds": self.eval_seconds,
                 "undone_exact": self.undone_exact, "points": self.points}
 
     def curve(self, key: str) -> tuple[list[int], list[float | None]]:
@@ -105,7 +106,9 @@ def run_sequential(model, tok, requests, method: str, *, batch_size: int = 1, ev
     editor.validate(reqs)
     before = _snapshot(model) if undo else None
     reference = reference_predictions(model, tok, reqs)
-    res = SequentialResult(method, batch_size, len(reqs))
+    from workbench.surgery.hparams import hparams_to_dict
+
+    res = SequentialResult(method, batch_size, len(reqs), hparams=hparams_to_dict(editor.hparams))
 
     def evaluate(edited):
         t = time.perf_counter()

@@ -625,3 +625,18 @@ def test_real_edit_eiffel_tower_to_rome(smollm2):
     finally:
         res.undo()
     assert_same_weights(model, snap)
+
+
+def test_run_sequential_measures_each_batch_records_hparams_and_undoes(tiny_stats):
+    from workbench.surgery.sequential import run_sequential
+
+    m, tok = fresh()
+    snap = snapshot(m)
+    hp = dict(VALUE, layers=[0, 1], null_threshold=1e-3, l2=2.0, spread_passes=2)
+    res = run_sequential(m, tok, [REQ, OTHER], "alphaedit", batch_size=1, eval_every=1, hparams=hp, stats=tiny_stats)
+    assert [p["n_edits"] for p in res.points] == [0, 1, 2]
+    assert len(res.points[1]["held"]) == 1 and len(res.points[2]["held"]) == 2
+    d = res.to_dict()
+    assert d["hparams"]["l2"] == 2.0 and d["hparams"]["spread_passes"] == 2 and d["hparams"]["layers"] == [0, 1]
+    assert res.undone_exact is True
+    assert_same_weights(m, snap)
