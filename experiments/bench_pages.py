@@ -21,17 +21,19 @@ from provenance import provenance, write_json
 FORMATS = {"fp32": "fp32", "fp16": "fp32", "int8+q8": "q8", "q4+q8": "q8"}  # weights+activations: activations
 
 
-def steps(backend, tok_id: int, n: int) -> list[float]:
+def steps(backend, tok_id: int, n: int, batch: int = 1) -> list[float]:
+    """Wall times of ``n`` single-token decode steps of ``batch`` rows after a 40-token prefill."""
     import torch
 
-    cache = backend.new_cache(1, 40 + n)
-    backend.forward(torch.full((1, 40), tok_id), torch.ones(1, 40, dtype=torch.long), torch.arange(40)[None], cache)
+    cache = backend.new_cache(batch, 40 + n)
+    backend.forward(torch.full((batch, 40), tok_id), torch.ones(batch, 40, dtype=torch.long),
+                    torch.arange(40).expand(batch, 40), cache)
     out = []
     for _ in range(n):
         length = cache.length
         t = time.perf_counter()
-        backend.forward(torch.tensor([[tok_id]]), torch.ones(1, length + 1, dtype=torch.long),
-                        torch.tensor([[length]]), cache)
+        backend.forward(torch.full((batch, 1), tok_id), torch.ones(batch, length + 1, dtype=torch.long),
+                        torch.full((batch, 1), length), cache)
         out.append(time.perf_counter() - t)
     return out
 

@@ -122,6 +122,35 @@ def test_skinny_linear_equals_matmul(rows):
 
 
 @pytest.mark.skipif(native.disabled(), reason="DAERT_NO_NATIVE is set")
+def test_avx512_build_equals_avx2_build():
+    """The default build takes the AVX-512 paths exactly where the CPU has AVX-512 (VNNI, BF16 where present), and
+    computes what the AVX2 build (-DDAERT_NO_AVX512=1) computes: bitwise for q8 (VNNI sums the same byte products),
+    within float32 summation for the float formats and bf16 activations."""
+    from workbench.cpu import cpu_flags
+    from workbench.engine.weights import kernel_args, quantize
+
+    default, avx2 = native.load("packed_llama"), native.load("packed_llama", {"DAERT_NO_AVX512": 1})
+    flags = cpu_flags()
+    isa = dict(default.isa())
+    assert isa["avx512"] == ({"avx512f", "avx512bw", "avx512vl"} <= flags)
+    assert isa["vnni"] == (isa["avx512"] and "avx512_vnni" in flags)
+    assert isa["avx512_bf16"] == (isa["avx512"] and "avx512_bf16" in flags)
+    assert not any(dict(avx2.isa())[k] for k in ("avx512", "vnni", "avx512_bf16"))
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(70, 576, generator=g)
+    for rows in (1, 7):
+        x = torch.randn(rows, 576, generator=g)
+        for fmt, low in (("fp32", False), ("bf16", False), ("bf16", True), ("fp16", False), ("int8", False),
+                         ("int8", True), ("q4", False), ("q4", True)):
+            args = kernel_args(quantize(w, fmt))
+            a, b = default.skinny_linear(x, *args, low), avx2.skinny_linear(x, *args, low)
+            if low and fmt != "bf16":
+                assert torch.equal(a, b), (fmt, rows)
+            else:
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item(), msg=(fmt, rows))
+
+
+@pytest.mark.skipif(native.disabled(), reason="DAERT_NO_NATIVE is set")
 def test_skinny_linear_rejects_bad_input():
     mod = native.load("packed_llama")
     with pytest.raises(RuntimeError, match="columns"):

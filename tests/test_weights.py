@@ -1,5 +1,5 @@
 """Low-precision weight formats of the packed backend (bf16, fp16, int8 with row scales, q4 in GGUF Q4_1 blocks)
-and int8 (q8) activations: the stored forms, GGUF block loading, the C++
+and low-precision activations (q8 int8 blocks, bf16): the stored forms, GGUF block loading, the C++
 skinny kernel against the dequantized weights, the fused decode loop against the Python loop on the same
 weights, interventions on every format, and the refusals (tiny random Llama)."""
 
@@ -13,6 +13,7 @@ from workbench.engine.backends import PackedLlamaBackend
 from workbench.engine.config import GREEDY, GenerationConfig
 from workbench.engine.weights import (
     FORMATS,
+    bf16_linear_reference,
     kernel_args,
     q8_linear_reference,
     quantize,
@@ -152,23 +153,43 @@ def test_skinny_kernel_with_q8_activations_equals_integer_reference(tiny, fmt, r
     float_acts = be.native.skinny_linear(x, *kernel_args(q))
     err = (got - float_acts).abs().max() / float_acts.abs().max()
     assert 1e-6 < err < 2e-2  # rounded inputs: close to the float result, and not equal to it
-    with pytest.raises(RuntimeError, match="int8 activations need int8 or 4-bit weights"):
-        be.native.skinny_linear(x, quantize(w, "bf16").stored, None, True)
+    with pytest.raises(RuntimeError, match="low-precision activations need int8, 4-bit .q8. or bfloat16"):
+        be.native.skinny_linear(x, quantize(w, "fp16").stored, None, True)
 
 
-@pytest.mark.parametrize("fmt", ["int8", "q4"])
-def test_q8_activations_through_the_engine(tiny, fmt, tmp_path):
-    """Decode steps on q8 activations stay close to float activations on the same weights, and residual offsets and
-    LoRA terms still take effect (each changes the logits by far more than the inputs' rounding)."""
+@pytest.mark.parametrize("cols", [96, 40])  # whole 16-value vectors (AVX-512 BF16 where built), and not
+@pytest.mark.parametrize("rows", [1, 3, 7, 16])
+def test_skinny_kernel_with_bf16_activations_equals_rounded_reference(tiny, rows, cols):
+    """bf16 activations: the kernel equals x rounded to bfloat16 times the bfloat16 weights (float64 reference) to
+    float32 summation, and differs from the float-activation kernel by far more than that."""
+    be = native(tiny[0])
+    g = torch.Generator().manual_seed(100 + rows)
+    q = quantize(torch.randn(45, cols, generator=g), "bf16")
+    x = torch.randn(rows, cols, generator=g) * torch.linspace(0.1, 3, cols)
+    got = be.native.skinny_linear(x, q.stored, None, True)
+    ref = bf16_linear_reference(x, q)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    float_acts = be.native.skinny_linear(x, q.stored)
+    assert (float_acts.double() - ref).abs().max() > 1e-3 * ref.abs().max()  # the rounding is visible
+    with pytest.raises(ValueError, match="bf16 activations multiply bf16 weights"):
+        bf16_linear_reference(x, quantize(torch.randn(4, cols), "int8"))
+
+
+@pytest.mark.parametrize("fmt,low", [("int8", "q8"), ("q4", "q8"), ("bf16", "bf16")])
+def test_low_activations_through_the_engine(tiny, fmt, low, tmp_path):
+    """Decode steps on low-precision activations (q8, bf16) stay close to float activations on the same weights,
+    and residual offsets and LoRA terms still take effect (each changes the logits by far more than the inputs'
+    rounding)."""
     model, tok = tiny
     reg = _adapter_registry(model, tmp_path)
     vec = 4 * torch.randn(model.config.hidden_size)
     engines = {act: Engine(model, tok, weights=fmt, activations=act, adapters=reg, threads=None)
-               for act in ("fp32", "q8")}
-    assert engines["q8"].backend.native is not None and engines["q8"].backend.activations == "q8"
+               for act in ("fp32", low)}
+    engines["q8"] = engines.pop(low)  # the low-precision engine, under one key
+    assert engines["q8"].backend.native is not None and engines["q8"].backend.activations == low
     flags = []
 
-    class Spy:  # records the q8 flag of every layer call (the LM head's q8 alone would also change the logits)
+    class Spy:  # records the low-activations flag of every layer call (the LM head's alone would also change logits)
         def __init__(self, mod):
             self.mod = mod
 
@@ -202,6 +223,10 @@ def test_q8_activation_refusals(tiny):
     model, tok = tiny
     with pytest.raises(ValueError, match="activations='q8' multiplies int8 or q4 weights"):
         Engine(model, tok, weights="bf16", activations="q8")
+    with pytest.raises(ValueError, match="activations='bf16' multiplies bf16 weights"):
+        Engine(model, tok, weights="fp16", activations="bf16")
+    with pytest.raises(ValueError, match="activations='bf16' runs in the C.. decode loop, which is unavailable"):
+        PackedLlamaBackend(model, weights="bf16", activations="bf16", native=False)
     with pytest.raises(KeyError, match="unknown activation format 'int4'"):
         Engine(model, tok, weights="int8", activations="int4")
     be = PackedLlamaBackend(model, weights="int8", activations="q8")

@@ -25,7 +25,7 @@ class _Parser(argparse.ArgumentParser):
 
 BACKENDS = ("auto", "hf", "packed-llama")
 WEIGHT_FORMATS = ("fp32", "bf16", "fp16", "int8", "q4")  # workbench.engine.weights.FORMATS (not imported at startup)
-ACTIVATION_FORMATS = ("fp32", "q8")  # workbench.engine.weights.ACTIVATIONS
+ACTIVATION_FORMATS = ("fp32", "q8", "bf16")  # workbench.engine.weights.ACTIVATIONS
 GRAPH_MODES = ("off", "cuda", "eager")  # workbench.engine.graphs.MODES
 PREFILL_GEMMS = ("aten", "onednn")  # workbench.engine.weights.PREFILLS
 STRATEGIES = ("sample", "beam", "speculative")
@@ -55,7 +55,8 @@ def _add_gen_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights-gguf", default=None, metavar="PATH",
                    help="with --weights q4: take this GGUF's Q4_1 blocks as they are where they match the model")
     p.add_argument("--activations", default="fp32", choices=ACTIVATION_FORMATS,
-                   help="with --weights int8 or q4: q8 quantizes the decode steps' matmul inputs (integer dot products)")
+                   help="with --weights int8 or q4: q8 quantizes the decode steps' matmul inputs (integer dot products); "
+                        "with --weights bf16: bf16 rounds them to bfloat16 (bfloat16 dot products)")
     p.add_argument("--prefill", default=None, choices=PREFILL_GEMMS,
                    help="packed backend's prefill GEMM (default: aten in fp32, bitwise HF; onednn in the other formats)")
     p.add_argument("--graphs", default="off", choices=GRAPH_MODES,

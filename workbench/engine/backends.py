@@ -251,6 +251,8 @@ class PackedLlamaBackend:
         all, and the LM head on them) quantize their inputs to int8 blocks of 32 and use integer dot products, as
         llama.cpp does; the inputs' rounding is added to the weights'. Longer prefills, more rows and the Python
         loop (hooks inside attention) compute with float32 activations. Refused where the C++ loop is unavailable.
+        ``activations="bf16"`` (bf16 weights): the same steps round their inputs to bfloat16 (AVX-512 BF16 dot
+        products where the build has them); same scope and refusal.
         ``prefill``: the GEMM of prefills past the fused loop (:data:`workbench.engine.weights.PREFILLS`): ``aten``
         (F.linear; in fp32 HF's own call, so prefill logits are HF's bits) or ``onednn`` (copies reordered once for
         oneDNN: faster, its own float rounding, one more float32 copy of the layer matrices). None: ``aten`` for
@@ -281,10 +283,10 @@ class PackedLlamaBackend:
         if self.activations == "q8":
             self._check_q8_shapes(model)
         self._pack()
-        if self.activations == "q8" and self.native is None:
+        if self.activations != "fp32" and self.native is None:
             from workbench.engine import native as native_mod
 
-            raise ValueError("activations='q8' runs in the C++ decode loop, which is unavailable here: "
+            raise ValueError(f"activations={self.activations!r} runs in the C++ decode loop, which is unavailable here: "
                              f"{native_mod.failure('packed_llama') or 'native=False, disabled or unsupported layers'}")
 
     def _check_q8_shapes(self, model) -> None:
@@ -589,14 +591,15 @@ class PackedLlamaBackend:
 
     def _ex_args(self, low: bool, lora, layer: int | None = None) -> tuple:
         """``decode_layers_ex``'s trailing arguments, for every layer or one: the int8 row scales (when the skinny
-        kernel streams the low-precision matrices), the batch's LoRA pools and the q8-activations flag."""
+        kernel streams the low-precision matrices), the batch's LoRA pools and the low-precision-activations flag
+        (q8 or bf16, by the weight format)."""
         scales = self._q_scales if low else []
         if layer is not None and scales:
             scales = scales[4 * layer: 4 * layer + 4]
-        q8 = low and self.activations == "q8"
+        low_act = low and self.activations != "fp32"
         if lora is None:
-            return scales, None, [], [], [], q8
-        return scales, *(lora.native if layer is None else lora.native_layer(layer)), q8
+            return scales, None, [], [], [], low_act
+        return scales, *(lora.native if layer is None else lora.native_layer(layer)), low_act
 
     def _layer(self, i, ly, h, cache, start, end, cos, sin, attn_mask, iv, lora=None):
         """One decoder layer of the Python loop; ``iv``: interventions at each of its hook points; ``lora``:
@@ -664,7 +667,7 @@ class PackedLlamaBackend:
             # a few rows (decode, verification): the C++ kernel reads the [vocab, d] head once for all rows
             rows = x.reshape(-1, x.shape[-1]).contiguous()
             if self.lm_head_q is not None:
-                out = self.native.skinny_linear(rows, self.lm_head_q, self.lm_head_s, self.activations == "q8")
+                out = self.native.skinny_linear(rows, self.lm_head_q, self.lm_head_s, self.activations != "fp32")
             else:
                 out = self.native.skinny_linear(rows, self.lm_head)
             return out.view(*x.shape[:-1], -1)

@@ -15,7 +15,8 @@ form (decode steps; :func:`kernel_args` gives its layout), prefills and steps of
 dequantized copy (oneDNN or ATen, :data:`PREFILLS`), so both run the same weights and differ only in float
 rounding. With ``q8``
 activations (``int8`` and ``q4``) the skinny kernel also rounds its inputs to int8 blocks
-(:func:`quantize_activations_q8`; the math in :func:`q8_linear_reference`).
+(:func:`quantize_activations_q8`; the math in :func:`q8_linear_reference`). With ``bf16`` activations (``bf16``
+weights) it rounds them to bfloat16 (:func:`bf16_linear_reference`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ import torch
 from workbench.errors import UnknownNameError
 
 FORMATS = ("fp32", "bf16", "fp16", "int8", "q4")
-ACTIVATIONS = ("fp32", "q8")  # what the skinny kernel multiplies the weights with (q8: int8 and q4 weights only)
+# what the skinny kernel multiplies the weights with: float32, int8 blocks (q8: int8 and q4 weights only) or bfloat16
+# (bf16: bf16 weights only; AVX-512 BF16 dot products where the CPU has them)
+ACTIVATIONS = ("fp32", "q8", "bf16")
+LOW_ACTIVATIONS = {"q8": ("int8", "q4"), "bf16": ("bf16",)}  # the weight formats each low-precision one takes
 # the GEMM of prefills past the fused decode loop: ATen's F.linear (fp32: HF's own call, HF's bits) or oneDNN on
 # copies of the matrices reordered once (faster; float rounding of its own; one more float32 copy of the layers)
 PREFILLS = ("aten", "onednn")
@@ -44,9 +48,12 @@ class Quantized:
 def check_activations(name: str, weights: str) -> str:
     if name not in ACTIVATIONS:
         raise UnknownNameError("activation format", name, list(ACTIVATIONS))
-    if name == "q8" and weights not in ("int8", "q4"):
+    if name == "q8" and weights not in LOW_ACTIVATIONS["q8"]:
         raise ValueError(f"activations='q8' multiplies int8 or q4 weights with integer dot products; "
                          f"weights={weights!r} computes in float32")
+    if name == "bf16" and weights not in LOW_ACTIVATIONS["bf16"]:
+        raise ValueError(f"activations='bf16' multiplies bf16 weights with bfloat16 dot products; "
+                         f"weights={weights!r} does not")
     return name
 
 
@@ -82,6 +89,15 @@ def q8_linear_reference(x: torch.Tensor, q: Quantized) -> torch.Tensor:
     d, m = q.scale[..., 0].double(), q.scale[..., 1].double()
     xsum = x.double().reshape(M, 1, nb, Q4_BLOCK).sum(-1)
     return ((xb * wq).sum(-1) * d * dx.double()[:, None] + m * xsum).sum(-1)
+
+
+def bf16_linear_reference(x: torch.Tensor, q: Quantized) -> torch.Tensor:
+    """``x @ w.T`` as the skinny kernel computes it with ``bf16`` activations, in float64: ``x`` rounded to
+    bfloat16 (nearest even) times the bfloat16 weights. Each product is exact in float32, so the kernel differs from
+    this only by its float32 summation."""
+    if q.stored.dtype != torch.bfloat16:
+        raise ValueError(f"bf16 activations multiply bf16 weights, not {q.stored.dtype}")
+    return x.bfloat16().double() @ q.stored.double().T
 
 
 def resolve_prefill(name: str | None, weights: str) -> str:

@@ -8,8 +8,9 @@
 //   the KV-cache write, attention over the cached keys and SiLU*up are plain loops. Same math, other
 //   summation order: equal to the Python loop within float rounding (tested), not bitwise.
 // skinny_linear: x @ w.T for a few rows of x, exposed for the LM head.
-// decode_layers_ex: decode_layers with bfloat16, float16, int8 (row-scaled) or 4-bit (Q4_1 blocks) weights, q8
-//   activations and/or per-row LoRA terms on
+// decode_layers_ex: decode_layers with bfloat16, float16, int8 (row-scaled) or 4-bit (Q4_1 blocks) weights,
+//   low-precision activations (q8 blocks for int8 / 4-bit weights, bfloat16 for bfloat16 weights) and/or per-row
+//   LoRA terms on
 //   q/k/v/o/gate/up/down, gathered from stacked adapter pools (BGMV: each row reads its own adapter's A and B,
 //   Chen et al. 2023, "Punica").
 //
@@ -26,6 +27,27 @@
 #include <vector>
 #if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
+#endif
+// AVX-512 paths (512-bit float vectors; VNNI integer dot products; AVX-512 BF16 dot products), taken when the build
+// targets them (-march=native on a CPU that has them); -DDAERT_NO_AVX512=1 builds the AVX2 paths instead, for side by
+// side comparisons (experiments/bench_isa.py) and tests.
+#ifndef DAERT_NO_AVX512
+#define DAERT_NO_AVX512 0
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && !DAERT_NO_AVX512
+#define DAERT_AVX512 1
+#else
+#define DAERT_AVX512 0
+#endif
+#if DAERT_AVX512 && defined(__AVX512VNNI__)
+#define DAERT_VNNI 1
+#else
+#define DAERT_VNNI 0
+#endif
+#if DAERT_AVX512 && defined(__AVX512BF16__)
+#define DAERT_AVX512BF16 1
+#else
+#define DAERT_AVX512BF16 0
 #endif
 
 using torch::Tensor;
@@ -89,9 +111,22 @@ static inline float dot(const float* a, const float* b, int64_t n) {
 // --- skinny_linear: out[m, n] (+)= sum_k x[m, k] * w[n, k] for a few rows m -----------------------------
 // BLAS time for [M, K] @ W grows about linearly with M for small M on CPUs measured here (M = 3: 2x M = 1),
 // although the step is memory-bound: each weight row should be read once for all M rows. This kernel streams
-// the weight rows (contiguous) and keeps the M input rows in L1. GCC vector extensions: AVX2 / AVX-512 / NEON.
+// the weight rows (contiguous) and keeps the M input rows in L1. GCC vector extensions of VW floats: 16 (zmm) with
+// AVX-512, else 8 (ymm with AVX2; other targets split them as they can).
+#ifndef DAERT_FLOAT_BITS
+#define DAERT_FLOAT_BITS 256
+#endif
+#if DAERT_AVX512 && DAERT_FLOAT_BITS == 512
+#define DAERT_ZMM 1
+constexpr int64_t VW = 16;
+#else
+#define DAERT_ZMM 0
+constexpr int64_t VW = 8;
+#endif
+typedef float vf __attribute__((vector_size(VW * 4)));
+typedef float vfu __attribute__((vector_size(VW * 4), aligned(4), may_alias));  // unaligned loads and stores
 typedef float v8 __attribute__((vector_size(32)));
-typedef float v8u __attribute__((vector_size(32), aligned(4), may_alias));  // unaligned loads and stores
+typedef float v8u __attribute__((vector_size(32), aligned(4), may_alias));
 typedef uint16_t v8h __attribute__((vector_size(16), aligned(2), may_alias));
 typedef uint32_t v8i __attribute__((vector_size(32)));
 typedef int8_t v8b __attribute__((vector_size(8), aligned(1), may_alias));
@@ -116,22 +151,27 @@ constexpr int64_t ROWS_PREFETCH = 4096;  // the multi-row path (batch > 1), ever
 struct F32 {
   using T = float;
   static constexpr int64_t PREFETCH = DAERT_PF_F32;
-  static inline v8 load(const float* p) { return *(const v8u*)p; }
+  static inline vf load(const float* p) { return *(const vfu*)p; }
   static inline float one(const float* p) { return *p; }
 };
 struct BF16 {
   using T = uint16_t;
   static constexpr int64_t PREFETCH = DAERT_PF_16;
   // GCC splits the vector-extension widening into two 128-bit halves; with AVX2 it is one vpmovzxwd + vpslld
-#if defined(__AVX2__)
-  static inline v8 load(const uint16_t* p) {
+#if DAERT_ZMM
+  static inline vf load(const uint16_t* p) {
+    const __m512i i = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return (vf)_mm512_castsi512_ps(_mm512_slli_epi32(i, 16));
+  }
+#elif defined(__AVX2__)
+  static inline vf load(const uint16_t* p) {
     const __m256i i = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    return (v8)_mm256_castsi256_ps(_mm256_slli_epi32(i, 16));
+    return (vf)_mm256_castsi256_ps(_mm256_slli_epi32(i, 16));
   }
 #else
-  static inline v8 load(const uint16_t* p) {
+  static inline vf load(const uint16_t* p) {
     const v8i i = __builtin_convertvector(*(const v8h*)p, v8i) << 16;
-    return (v8)i;
+    return (vf)i;
   }
 #endif
   static inline float one(const uint16_t* p) {
@@ -145,14 +185,18 @@ struct BF16 {
 struct F16 {
   using T = uint16_t;
   static constexpr int64_t PREFETCH = DAERT_PF_16;
-#if defined(__F16C__)
-  static inline v8 load(const uint16_t* p) {
-    return (v8)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#if DAERT_ZMM
+  static inline vf load(const uint16_t* p) {
+    return (vf)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+#elif defined(__F16C__)
+  static inline vf load(const uint16_t* p) {
+    return (vf)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
 #else
-  static inline v8 load(const uint16_t* p) {
-    v8 v;
-    for (int j = 0; j < 8; ++j) v[j] = c10::detail::fp16_ieee_to_fp32_value(p[j]);
+  static inline vf load(const uint16_t* p) {
+    vf v;
+    for (int j = 0; j < VW; ++j) v[j] = c10::detail::fp16_ieee_to_fp32_value(p[j]);
     return v;
   }
 #endif
@@ -163,12 +207,16 @@ struct I8 {
   static constexpr int64_t PREFETCH = PREFETCH_BYTES;
   // GCC scalarises a char -> float vector conversion (8 movsbl + vcvtsi2ss); with AVX2 it is one sign-extending
   // load (vpmovsxbd) and one vcvtdq2ps
-#if defined(__AVX2__)
-  static inline v8 load(const int8_t* p) {
-    return (v8)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+#if DAERT_ZMM
+  static inline vf load(const int8_t* p) {
+    return (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+#elif defined(__AVX2__)
+  static inline vf load(const int8_t* p) {
+    return (vf)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
   }
 #else
-  static inline v8 load(const int8_t* p) { return __builtin_convertvector(*(const v8b*)p, v8); }
+  static inline vf load(const int8_t* p) { return __builtin_convertvector(*(const v8b*)p, vf); }
 #endif
   static inline float one(const int8_t* p) { return static_cast<float>(*p); }
 };
@@ -186,9 +234,10 @@ static inline void prefetch_ahead(const typename W::T* row, int64_t k) {
   }
 }
 
-static inline float hsum(v8 v) {
+template <class V>
+static inline float hsum(V v) {
   float s = 0.f;
-  for (int i = 0; i < 8; ++i) s += v[i];
+  for (size_t i = 0; i < sizeof(V) / sizeof(float); ++i) s += v[i];
   return s;
 }
 
@@ -204,16 +253,16 @@ static inline float tail_dot(const float* a, const typename W::T* b, int64_t k0,
 template <int MR, class W>
 static inline void dot_rows(const float* x, int64_t K, const typename W::T* w0, const typename W::T* w1, float* o,
                             int64_t ldo, bool two, bool acc, float sc0, float sc1) {
-  v8 a[MR], b[MR];
-  for (int m = 0; m < MR; ++m) a[m] = b[m] = v8{};
-  const int64_t K8 = K - K % 8;
-  for (int64_t k = 0; k < K8; k += 8) {
+  vf a[MR], b[MR];
+  for (int m = 0; m < MR; ++m) a[m] = b[m] = vf{};
+  const int64_t K8 = K - K % VW;
+  for (int64_t k = 0; k < K8; k += VW) {
     prefetch_ahead<W, ROWS_PREFETCH>(w0, k);
     prefetch_ahead<W, ROWS_PREFETCH>(w1, k);
-    const v8 p = W::load(w0 + k), q = W::load(w1 + k);
+    const vf p = W::load(w0 + k), q = W::load(w1 + k);
 #pragma GCC unroll 8
     for (int m = 0; m < MR; ++m) {
-      const v8 xv = *(const v8u*)(x + m * K + k);
+      const vf xv = *(const vfu*)(x + m * K + k);
       a[m] += xv * p;
       b[m] += xv * q;
     }
@@ -228,23 +277,23 @@ static inline void dot_rows(const float* x, int64_t K, const typename W::T* w0, 
   }
 }
 
-// one row of x against one weight row, 32 inputs per iteration into four accumulators (the M = 1 decode step).
+// one row of x against one weight row, 4 * VW inputs per iteration into four accumulators (the M = 1 decode step).
 // One weight row at a time keeps each thread on one sequential stream, which the prefetchers follow best:
 // measured on a 2-core AVX2 EPYC (float16, 98304 x 576, 2 threads), ~14 GB/s against ~10 GB/s for four rows
 // interleaved 8 inputs at a time.
 template <class W>
 static inline float dot_one_row(const float* x, int64_t K, const typename W::T* w) {
-  v8 a0 = v8{}, a1 = v8{}, a2 = v8{}, a3 = v8{};
+  vf a0 = vf{}, a1 = vf{}, a2 = vf{}, a3 = vf{};
   int64_t k = 0;
-  for (; k + 32 <= K; k += 32) {
-    prefetch_ahead<W>(w, k);
-    if constexpr (sizeof(typename W::T) == 4) prefetch_ahead<W>(w, k + 16);  // float32: two lines per iteration
-    a0 += *(const v8u*)(x + k) * W::load(w + k);
-    a1 += *(const v8u*)(x + k + 8) * W::load(w + k + 8);
-    a2 += *(const v8u*)(x + k + 16) * W::load(w + k + 16);
-    a3 += *(const v8u*)(x + k + 24) * W::load(w + k + 24);
+  for (; k + 4 * VW <= K; k += 4 * VW) {
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) prefetch_ahead<W>(w, k + j * VW);  // each cache line once (prefetch_ahead)
+    a0 += *(const vfu*)(x + k) * W::load(w + k);
+    a1 += *(const vfu*)(x + k + VW) * W::load(w + k + VW);
+    a2 += *(const vfu*)(x + k + 2 * VW) * W::load(w + k + 2 * VW);
+    a3 += *(const vfu*)(x + k + 3 * VW) * W::load(w + k + 3 * VW);
   }
-  for (; k + 8 <= K; k += 8) a0 += *(const v8u*)(x + k) * W::load(w + k);
+  for (; k + VW <= K; k += VW) a0 += *(const vfu*)(x + k) * W::load(w + k);
   return hsum((a0 + a1) + (a2 + a3)) + tail_dot<W>(x, w, k, K);
 }
 
@@ -284,6 +333,130 @@ static void skinny(const float* x, int64_t M, int64_t K, const typename W::T* w,
   });
 }
 
+// --- bfloat16 weights with bfloat16 activations: x rounded to bfloat16 once per call ---------------------------
+// A bfloat16 x bfloat16 product is exact in float32 (8-bit significands), so the activations' rounding is the only
+// change from float32 activations. With AVX-512 BF16 each vdpbf16ps takes 16 (ymm) or 32 (zmm) weight pairs into
+// float32 sums, with no widening; elsewhere the widening kernel above runs on x's rounded values (the same products,
+// other summation order).
+static inline uint16_t to_bf16(float f) {  // round to nearest even, as torch's float -> bfloat16
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // NaN stays a quiet NaN
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+#if DAERT_AVX512BF16
+#if DAERT_ZMM
+typedef __m512 bacc;
+typedef __m512i bvec;
+constexpr int64_t BW = 32;  // bfloat16 values per vector
+static inline bvec bload(const uint16_t* p) { return _mm512_loadu_si512(p); }
+static inline bacc bdot(bacc a, bvec x, bvec w) { return _mm512_dpbf16_ps(a, (__m512bh)x, (__m512bh)w); }
+static inline bacc bzero() { return _mm512_setzero_ps(); }
+#else
+typedef __m256 bacc;
+typedef __m256i bvec;
+constexpr int64_t BW = 16;
+static inline bvec bload(const uint16_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+static inline bacc bdot(bacc a, bvec x, bvec w) { return _mm256_dpbf16_ps(a, (__m256bh)x, (__m256bh)w); }
+static inline bacc bzero() { return _mm256_setzero_ps(); }
+#endif
+static inline float bsum(bacc a) {
+  float v[BW / 2];
+  std::memcpy(v, &a, sizeof v);
+  float s = 0.f;
+  for (int64_t i = 0; i < BW / 2; ++i) s += v[i];
+  return s;
+}
+
+// K % BW == 0; one row of x (bf16) against one weight row, 4 vectors per iteration into four accumulators
+static inline float bf16_one_row(const uint16_t* x, int64_t K, const uint16_t* w) {
+  bacc a0 = bzero(), a1 = bzero(), a2 = bzero(), a3 = bzero();
+  int64_t k = 0;
+  for (; k + 4 * BW <= K; k += 4 * BW) {
+    if constexpr (DAERT_PF_16 > 0)
+      for (int64_t off = 0; off < 4 * BW * 2; off += 64)
+        __builtin_prefetch(reinterpret_cast<const char*>(w + k) + off + DAERT_PF_16);
+    a0 = bdot(a0, bload(x + k), bload(w + k));
+    a1 = bdot(a1, bload(x + k + BW), bload(w + k + BW));
+    a2 = bdot(a2, bload(x + k + 2 * BW), bload(w + k + 2 * BW));
+    a3 = bdot(a3, bload(x + k + 3 * BW), bload(w + k + 3 * BW));
+  }
+  for (; k < K; k += BW) a0 = bdot(a0, bload(x + k), bload(w + k));
+  return bsum(a0) + bsum(a1) + bsum(a2) + bsum(a3);
+}
+
+// MR rows of x (bf16) against weight rows w0 and w1 (w1 == w0: only o[0] is written), as dot_rows
+template <int MR>
+static inline void bf16_rows(const uint16_t* x, int64_t K, const uint16_t* w0, const uint16_t* w1, float* o,
+                             int64_t ldo, bool two, bool acc) {
+  bacc a[MR], b[MR];
+  for (int m = 0; m < MR; ++m) a[m] = b[m] = bzero();
+  for (int64_t k = 0; k < K; k += BW) {
+    if ((k * 2) % 64 == 0) {
+      __builtin_prefetch(reinterpret_cast<const char*>(w0 + k) + ROWS_PREFETCH);
+      __builtin_prefetch(reinterpret_cast<const char*>(w1 + k) + ROWS_PREFETCH);
+    }
+    const bvec p = bload(w0 + k), q = bload(w1 + k);
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) {
+      const bvec xv = bload(x + m * K + k);
+      a[m] = bdot(a[m], xv, p);
+      b[m] = bdot(b[m], xv, q);
+    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    float* om = o + m * ldo;
+    const float s0 = bsum(a[m]), s1 = bsum(b[m]);
+    om[0] = acc ? om[0] + s0 : s0;
+    if (two) om[1] = acc ? om[1] + s1 : s1;
+  }
+}
+#endif
+
+static void skinny_bf16_act(const float* x, int64_t M, int64_t K, const uint16_t* w, int64_t N, float* out,
+                            int64_t ldo, bool acc) {
+  std::vector<uint16_t> xb(M * K);
+  for (int64_t i = 0; i < M * K; ++i) xb[i] = to_bf16(x[i]);
+#if DAERT_AVX512BF16
+  if (K % BW == 0) {
+    const uint16_t* xp = xb.data();
+    if (M == 1) {
+      at::parallel_for(0, N, 64, [&](int64_t lo, int64_t hi) {
+        for (int64_t n = lo; n < hi; ++n) {
+          const float v = bf16_one_row(xp, K, w + n * K);
+          out[n] = acc ? out[n] + v : v;
+        }
+      });
+      return;
+    }
+    at::parallel_for(0, (N + 1) / 2, 16, [&](int64_t lo, int64_t hi) {
+      for (int64_t t = lo; t < hi; ++t) {
+        const int64_t n = 2 * t;
+        const bool two = n + 1 < N;
+        const uint16_t *w0 = w + n * K, *w1 = two ? w0 + K : w0;
+        for (int64_t m0 = 0; m0 < M; m0 += 6) {
+          const uint16_t* xs = xp + m0 * K;
+          float* os = out + m0 * ldo + n;
+          switch (std::min<int64_t>(6, M - m0)) {
+            case 6: bf16_rows<6>(xs, K, w0, w1, os, ldo, two, acc); break;
+            case 5: bf16_rows<5>(xs, K, w0, w1, os, ldo, two, acc); break;
+            case 4: bf16_rows<4>(xs, K, w0, w1, os, ldo, two, acc); break;
+            case 3: bf16_rows<3>(xs, K, w0, w1, os, ldo, two, acc); break;
+            case 2: bf16_rows<2>(xs, K, w0, w1, os, ldo, two, acc); break;
+            default: bf16_rows<1>(xs, K, w0, w1, os, ldo, two, acc);
+          }
+        }
+      }
+    });
+    return;
+  }
+#endif
+  std::vector<float> xr(M * K);
+  for (int64_t i = 0; i < M * K; ++i) xr[i] = BF16::one(&xb[i]);
+  skinny<BF16>(xr.data(), M, K, w, N, out, ldo, acc, nullptr);
+}
+
 // --- 4-bit weights in blocks of 32 along K (GGUF's Q4_1 block, with float32 scale and minimum) ------------
 // w [N, K/32 * 24] uint8, 24 bytes a block: float32 d, float32 m, then 16 bytes of nibbles, byte j holding
 // element 32b + j (low nibble) and 32b + 16 + j (high); w = d * q + m. Scales and nibbles interleaved keep each
@@ -300,21 +473,25 @@ static inline float q4_scale(const uint8_t* block, int j) {  // j = 0: d, 1: m
   return v;
 }
 
-static inline void q4_unpack(const uint8_t* p, v8& f0, v8& f1, v8& f2, v8& f3) {
-#if defined(__AVX2__)
+// the 32 values q of one block's nibbles as float32, elements 0 .. 31 in 32 / VW vectors
+constexpr int Q4_VECS = Q4_BLOCK / VW;
+static inline void q4_unpack(const uint8_t* p, vf (&f)[Q4_VECS]) {
+#if DAERT_ZMM
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), mask = _mm_set1_epi8(0x0F);
+  f[0] = (vf)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(raw, mask)));
+  f[1] = (vf)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(raw, 4), mask)));
+#elif defined(__AVX2__)
   const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   const __m128i mask = _mm_set1_epi8(0x0F);
   const __m128i lo = _mm_and_si128(raw, mask), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
-  f0 = (v8)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-  f1 = (v8)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-  f2 = (v8)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-  f3 = (v8)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+  f[0] = (vf)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+  f[1] = (vf)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+  f[2] = (vf)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+  f[3] = (vf)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
 #else
-  for (int j = 0; j < 8; ++j) {
-    f0[j] = static_cast<float>(p[j] & 0x0F);
-    f1[j] = static_cast<float>(p[8 + j] & 0x0F);
-    f2[j] = static_cast<float>(p[j] >> 4);
-    f3[j] = static_cast<float>(p[8 + j] >> 4);
+  for (int j = 0; j < 16; ++j) {
+    f[j / VW][j % VW] = static_cast<float>(p[j] & 0x0F);
+    f[(16 + j) / VW][(16 + j) % VW] = static_cast<float>(p[j] >> 4);
   }
 #endif
 }
@@ -324,20 +501,21 @@ template <int MR>
 static inline void q4_rows(const float* x, int64_t K, const uint8_t* w, const float* xs, float* o, int64_t ldo,
                            bool acc) {
   const int64_t nb = K / Q4_BLOCK;
-  v8 a[MR];
+  vf a[MR];
   float mins[MR];
-  for (int m = 0; m < MR; ++m) a[m] = v8{}, mins[m] = 0.f;
+  for (int m = 0; m < MR; ++m) a[m] = vf{}, mins[m] = 0.f;
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = w + b * Q4_BYTES;
     if constexpr (PREFETCH_BYTES > 0) __builtin_prefetch(blk + PREFETCH_BYTES);
-    v8 f0, f1, f2, f3;
-    q4_unpack(blk + 8, f0, f1, f2, f3);
+    vf f[Q4_VECS];
+    q4_unpack(blk + 8, f);
     const float d = q4_scale(blk, 0), mn = q4_scale(blk, 1);
 #pragma GCC unroll 4
     for (int m = 0; m < MR; ++m) {
       const float* xb = x + m * K + b * Q4_BLOCK;
-      const v8 v = *(const v8u*)xb * f0 + *(const v8u*)(xb + 8) * f1 + *(const v8u*)(xb + 16) * f2 +
-                   *(const v8u*)(xb + 24) * f3;
+      vf v = *(const vfu*)xb * f[0];
+#pragma GCC unroll 4
+      for (int j = 1; j < Q4_VECS; ++j) v += *(const vfu*)(xb + j * VW) * f[j];
       a[m] += d * v;
       mins[m] += mn * xs[m * nb + b];
     }
@@ -419,8 +597,13 @@ template <bool SIGNED>
 static inline v8 block_dot(wbytes w, const int8_t* x) {
   __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)), wu = w;
   if (SIGNED) xv = _mm256_sign_epi8(xv, w), wu = _mm256_sign_epi8(w, w);
+#if DAERT_VNNI
+  // one vpdpbusd: each int32 lane sums the same four byte products as vpmaddubsw + vpmaddwd (bitwise equal)
+  return (v8)_mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), wu, xv));
+#else
   const __m256i pairs = _mm256_maddubs_epi16(wu, xv);
   return (v8)_mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+#endif
 }
 #else
 struct wbytes { int16_t v[32]; };
@@ -501,16 +684,23 @@ static void skinny_q8(const float* x, int64_t M, int64_t K, const void* w, const
   });
 }
 
+static inline bool low_act_ok(const Tensor& w) {
+  const auto t = w.scalar_type();
+  return t == at::kChar || t == at::kByte || t == at::kBFloat16;
+}
+
 // out (+)= x @ w.T (times the row scales of an int8 w): the skinny kernel for up to SKINNY_MAX_ROWS rows in any
 // format, ATen beyond (float32 weights only)
-// q8: int8 / 4-bit weights take the x rows quantized to Q8 blocks (integer dot products, above)
+// low_act: low-precision activations, by weight format: int8 / 4-bit weights take the x rows quantized to Q8
+// blocks (integer dot products, above), bfloat16 weights take them rounded to bfloat16; other formats refuse it
 static void linear_into(const Tensor& x, const Tensor& w, Tensor& out, bool acc, const Tensor* scale = nullptr,
-                        bool q8 = false) {
+                        bool low_act = false) {
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0), ldo = out.size(1);
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const bool scaled = scale != nullptr && scale->numel() > 0;
   const float* sp = scaled ? scale->data_ptr<float>() : nullptr;
+  TORCH_CHECK(!low_act || low_act_ok(w), "low-precision activations need int8, 4-bit or bfloat16 weights");
   switch (w.scalar_type()) {
     case at::kFloat:
       if (M <= SKINNY_MAX_ROWS) {
@@ -523,6 +713,10 @@ static void linear_into(const Tensor& x, const Tensor& w, Tensor& out, bool acc,
       return;
     case at::kBFloat16:
       TORCH_CHECK(M <= SKINNY_MAX_ROWS, "bfloat16 weights take at most ", SKINNY_MAX_ROWS, " rows");
+      if (low_act) {
+        skinny_bf16_act(xp, M, K, reinterpret_cast<const uint16_t*>(w.data_ptr()), N, op, ldo, acc);
+        return;
+      }
       skinny<BF16>(xp, M, K, reinterpret_cast<const uint16_t*>(w.data_ptr()), N, op, ldo, acc, nullptr);
       return;
     case at::kHalf:
@@ -533,7 +727,7 @@ static void linear_into(const Tensor& x, const Tensor& w, Tensor& out, bool acc,
       TORCH_CHECK(M <= SKINNY_MAX_ROWS, "int8 weights take at most ", SKINNY_MAX_ROWS, " rows");
       TORCH_CHECK(scaled && scale->numel() == N && scale->scalar_type() == at::kFloat,
                   "int8 weights need one float32 scale per output row");
-      if (q8) {
+      if (low_act) {
         TORCH_CHECK(K % Q8_BLOCK == 0, "int8 activations: K must be a multiple of ", Q8_BLOCK, ", got ", K);
         skinny_q8<false>(xp, M, K, w.data_ptr<int8_t>(), sp, N, op, ldo, acc);
       } else {
@@ -545,7 +739,7 @@ static void linear_into(const Tensor& x, const Tensor& w, Tensor& out, bool acc,
       TORCH_CHECK(w.size(1) % Q4_BYTES == 0 && cols(w) == K, "4-bit weights: w [N, K/32 * ", Q4_BYTES,
                   "] bytes of (d, m, nibbles) blocks");
       TORCH_CHECK(!scaled, "4-bit weights carry their scales in their blocks");
-      if (q8) {
+      if (low_act) {
         skinny_q8<true>(xp, M, K, w.data_ptr<uint8_t>(), nullptr, N, op, ldo, acc);
       } else {
         skinny_q4(xp, M, K, w.data_ptr<uint8_t>(), N, op, ldo, acc);
@@ -556,7 +750,7 @@ static void linear_into(const Tensor& x, const Tensor& w, Tensor& out, bool acc,
   }
 }
 
-Tensor skinny_linear(const Tensor& x, const Tensor& w, const c10::optional<Tensor>& scale, bool q8) {
+Tensor skinny_linear(const Tensor& x, const Tensor& w, const c10::optional<Tensor>& scale, bool low_act) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.scalar_type() == at::kFloat,
               "skinny_linear: x [M, K] (float32) and w [N, K] must be matrices");
   TORCH_CHECK(w.scalar_type() != at::kByte || w.size(1) % Q4_BYTES == 0,
@@ -565,12 +759,12 @@ Tensor skinny_linear(const Tensor& x, const Tensor& w, const c10::optional<Tenso
   TORCH_CHECK(w.is_contiguous(), "skinny_linear: w must be contiguous");
   TORCH_CHECK(w.scalar_type() == at::kFloat || x.size(0) <= SKINNY_MAX_ROWS,
               "skinny_linear: low-precision weights take at most ", SKINNY_MAX_ROWS, " rows");
-  TORCH_CHECK(!q8 || w.scalar_type() == at::kChar || w.scalar_type() == at::kByte,
-              "skinny_linear: int8 activations need int8 or 4-bit weights");
+  TORCH_CHECK(!low_act || low_act_ok(w),
+              "skinny_linear: low-precision activations need int8, 4-bit (q8) or bfloat16 (bf16) weights");
   const Tensor xc = x.contiguous();
   Tensor out = at::empty({x.size(0), w.size(0)}, x.options());
   Tensor sc = scale.has_value() ? scale->contiguous() : Tensor();
-  linear_into(xc, w, out, false, scale.has_value() ? &sc : nullptr, q8);
+  linear_into(xc, w, out, false, scale.has_value() ? &sc : nullptr, low_act);
   return out;
 }
 
@@ -650,7 +844,7 @@ static Tensor decode_impl(const Tensor& h_in, const std::vector<Tensor>& norm1, 
                           const std::vector<Tensor>& wgu, const std::vector<Tensor>& wdown, const Tensor& cache_k,
                           const Tensor& cache_v, const Tensor& cos_in, const Tensor& sin_in, const Tensor& mask_in,
                           int64_t start, int64_t H, int64_t KV, int64_t D, double eps_d, const Lora* lora,
-                          const std::vector<Tensor>* scales, bool q8) {
+                          const std::vector<Tensor>* scales, bool low_act) {
   TORCH_CHECK(h_in.dim() == 3 && h_in.scalar_type() == at::kFloat,
               "decode_layers: h must be a float32 [B, T, d] tensor");
   check_lists(norm1, wqkv, wo, norm2, wgu, wdown, cache_k, cache_v);
@@ -702,7 +896,7 @@ static Tensor decode_impl(const Tensor& h_in, const std::vector<Tensor>& norm1, 
     float* ck = cache_k.data_ptr<float>() + i * layer_stride;
     float* cv = cache_v.data_ptr<float>() + i * layer_stride;
     rms_rows(hp, norm1[i].data_ptr<float>(), xp, R, d, eps);
-    linear_into(xn, wqkv[i], qkv, false, sc(i, 0), q8);
+    linear_into(xn, wqkv[i], qkv, false, sc(i, 0), low_act);
     lora_add(lora, i, 0, xp, d, R, qkvp, row, 0);
     lora_add(lora, i, 1, xp, d, R, qkvp, row, H * D);
     lora_add(lora, i, 2, xp, d, R, qkvp, row, (H + KV) * D);
@@ -753,10 +947,10 @@ static Tensor decode_impl(const Tensor& h_in, const std::vector<Tensor>& norm1, 
         }
       }
     });
-    linear_into(att, wo[i], h, true, sc(i, 1), q8);  // h += attn @ Wo.T
+    linear_into(att, wo[i], h, true, sc(i, 1), low_act);  // h += attn @ Wo.T
     lora_add(lora, i, 3, attp, H * D, R, hp, d, 0);
     rms_rows(hp, norm2[i].data_ptr<float>(), xp, R, d, eps);
-    linear_into(xn, wgu[i], gu, false, sc(i, 2), q8);
+    linear_into(xn, wgu[i], gu, false, sc(i, 2), low_act);
     lora_add(lora, i, 4, xp, d, R, gup, 2 * I, 0);
     lora_add(lora, i, 5, xp, d, R, gup, 2 * I, I);
     for (int64_t r = 0; r < R; ++r) {
@@ -764,7 +958,7 @@ static Tensor decode_impl(const Tensor& h_in, const std::vector<Tensor>& norm1, 
       float* a = actp + r * I;
       for (int64_t e = 0; e < I; ++e) a[e] = g[e] / (1.f + std::exp(-g[e])) * u[e];
     }
-    linear_into(act, wdown[i], h, true, sc(i, 3), q8);  // h += silu(gate) * up @ Wdown.T
+    linear_into(act, wdown[i], h, true, sc(i, 3), low_act);  // h += silu(gate) * up @ Wdown.T
     lora_add(lora, i, 6, actp, I, R, hp, d, 0);
   }
   return h.view({B, T, d});
@@ -781,7 +975,7 @@ Tensor decode_layers(const Tensor& h_in, const std::vector<Tensor>& norm1, const
 
 // decode_layers with weights in any skinny format (scales: int8 row scales, 4 per layer,
 // or empty), per-row LoRA terms (lora_idx undefined or empty lists: none) and, for int8 / 4-bit weights, the
-// matmul inputs quantized to Q8 blocks (act_q8)
+// matmul inputs in low precision (low_act: Q8 blocks for int8 / 4-bit weights, bfloat16 for bfloat16 weights)
 Tensor decode_layers_ex(const Tensor& h_in, const std::vector<Tensor>& norm1, const std::vector<Tensor>& wqkv,
                         const std::vector<Tensor>& wo, const std::vector<Tensor>& norm2,
                         const std::vector<Tensor>& wgu, const std::vector<Tensor>& wdown, const Tensor& cache_k,
@@ -789,27 +983,44 @@ Tensor decode_layers_ex(const Tensor& h_in, const std::vector<Tensor>& norm1, co
                         int64_t start, int64_t H, int64_t KV, int64_t D, double eps,
                         const std::vector<Tensor>& scales, const c10::optional<Tensor>& lora_idx,
                         const std::vector<Tensor>& lora_a, const std::vector<Tensor>& lora_bt,
-                        const std::vector<Tensor>& lora_rank, bool act_q8) {
+                        const std::vector<Tensor>& lora_rank, bool low_act) {
   TORCH_CHECK(h_in.dim() == 3, "decode_layers_ex: h must be [B, T, d]");
-  TORCH_CHECK(!act_q8 || wqkv.empty() || wqkv[0].scalar_type() == at::kChar || wqkv[0].scalar_type() == at::kByte,
-              "decode_layers_ex: int8 activations need int8 or 4-bit weights");
+  TORCH_CHECK(!low_act || wqkv.empty() || low_act_ok(wqkv[0]),
+              "decode_layers_ex: low-precision activations need int8, 4-bit (q8) or bfloat16 (bf16) weights");
   if (!lora_idx.has_value() || lora_a.empty())
     return decode_impl(h_in, norm1, wqkv, wo, norm2, wgu, wdown, cache_k, cache_v, cos_in, sin_in, mask_in, start,
-                       H, KV, D, eps, nullptr, &scales, act_q8);
+                       H, KV, D, eps, nullptr, &scales, low_act);
   const Tensor& idx = *lora_idx;
   TORCH_CHECK(idx.scalar_type() == at::kLong && idx.is_contiguous() && idx.numel() == h_in.size(0),
               "decode_layers_ex: lora_idx must be a contiguous int64 tensor with one slot per batch row");
   const Lora lora{idx.data_ptr<int64_t>(), h_in.size(1), &lora_a, &lora_bt, &lora_rank};
   check_lora(lora, norm1.size(), h_in.size(0));
   return decode_impl(h_in, norm1, wqkv, wo, norm2, wgu, wdown, cache_k, cache_v, cos_in, sin_in, mask_in, start, H,
-                     KV, D, eps, &lora, &scales, act_q8);
+                     KV, D, eps, &lora, &scales, low_act);
+}
+
+// the instruction-set paths this build takes (the vector width of the float kernels; whether the q8 block dot
+// products use VNNI, and whether bfloat16 activations use AVX-512 BF16 dot products)
+py::dict isa() {
+  py::dict d;
+  d["vector_bits"] = VW * 32;
+  d["avx512"] = static_cast<bool>(DAERT_AVX512);
+  d["vnni"] = static_cast<bool>(DAERT_VNNI);
+  d["avx512_bf16"] = static_cast<bool>(DAERT_AVX512BF16);
+#if defined(__AVX2__)
+  d["avx2"] = true;
+#else
+  d["avx2"] = false;
+#endif
+  return d;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("isa", &isa, "the instruction-set paths of this build");
   m.def("layers_forward", &layers_forward, "packed Llama decoder layers (ATen ops, bitwise equal to Python)");
   m.def("decode_layers", &decode_layers, "packed Llama decoder layers for a few new tokens per row (fused loops)");
   m.def("decode_layers_ex", &decode_layers_ex,
-        "decode_layers with low-precision weights, per-row LoRA terms from adapter pools, q8 activations");
+        "decode_layers with low-precision weights, per-row LoRA terms from adapter pools, low-precision activations");
   m.def("skinny_linear", &skinny_linear, "x @ w.T for a few rows of x, each weight row read once",
-        py::arg("x"), py::arg("w"), py::arg("scale") = py::none(), py::arg("q8") = false);
+        py::arg("x"), py::arg("w"), py::arg("scale") = py::none(), py::arg("low_act") = false);
 }
