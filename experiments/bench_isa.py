@@ -1,19 +1,17 @@
 """The C++ skinny kernel's AVX-512 paths against its AVX2 paths on one AVX-512 machine: SmolLM2 decode steps of
-the packed backend per weight format, at batch 1 and batch 8, the helper built twice (the default build, and
-``-DDAERT_NO_AVX512=1``) and the two builds interleaved in one process on the same packed weights; a third build with 512-bit float vectors (``-DDAERT_FLOAT_BITS=512``) beside them. Prints
-a table, writes JSON.
+the packed backend per weight format, at batch 1 and batch 8, with the helper built three ways (the default build;
+``-DDAERT_NO_AVX512=1``, the AVX2 paths; ``-DDAERT_FLOAT_BITS=512``, 512-bit float vectors) and the builds
+interleaved in one process on the same packed weights. Prints a table, writes JSON.
 
     .venv/bin/python experiments/bench_isa.py --json experiments/results/bench_isa.json
 
-What the AVX-512 build changes (``workbench/engine/csrc/packed_llama.cpp``): float32, bfloat16, float16 and int8
-weights widened to float32 8 at a time as in the AVX2 build (16 at a time, zmm, with ``DAERT_FLOAT_BITS=512``); the q8
-block dot products in one VNNI ``vpdpbusd``
-instead of ``vpmaddubsw`` + ``vpmaddwd``; bfloat16 weights with ``bf16`` activations in AVX-512 BF16
-``vdpbf16ps``. Each round: one 40-token prefill, then ``--steps`` timed single-token decode steps, on each build in
-turn; the step time is the median over all rounds' steps, each speed-up over the AVX2 build the median of per-round
-ratios. Before
-timing, one decode step's output is compared between the builds (``max_abs_diff``; 0 where the two paths are the
-same arithmetic).
+What the AVX-512 build changes (``workbench/engine/csrc/packed_llama.cpp``): the q8 block dot products in one VNNI
+``vpdpbusd`` instead of ``vpmaddubsw`` + ``vpmaddwd``; bfloat16 weights with ``bf16`` activations in AVX-512 BF16
+``vdpbf16ps``. Float widening stays 8 floats a vector (16, zmm, with ``DAERT_FLOAT_BITS=512``). Each round: one
+40-token prefill, then ``--steps`` timed single-token decode steps, on each build in turn; the step time is the
+median over all rounds' steps, each speed-up over the AVX2 build the median of per-round ratios. Before timing, one
+decode step's output is compared between the default and the AVX2 build (``max_abs_diff``; 0 where the two paths
+are the same arithmetic).
 """
 
 from __future__ import annotations

@@ -66,7 +66,8 @@ class Engine:
     see :mod:`workbench.engine.weights`): a copy the decode matmuls stream, the model's parameters untouched;
     greedy output equals HF's only in fp32. ``gguf``: with ``weights="q4"``, a GGUF file whose Q4_1 blocks are
     used as they are wherever they still equal the model's weights. ``activations="q8"`` (with ``int8`` or ``q4``
-    weights): decode matmuls quantize their inputs to int8 blocks and use integer dot products (as llama.cpp).
+    weights): decode matmuls quantize their inputs to int8 blocks and use integer dot products (as llama.cpp);
+    ``activations="bf16"`` (with ``bf16`` weights): they round their inputs to bfloat16 (bfloat16 dot products).
     ``prefill``: the packed backend's prefill GEMM, ``"aten"`` (the fp32 default: HF's bits) or ``"onednn"`` (the
     other formats' default; faster, not bitwise HF's, one more float32 copy of the layers).
     ``graphs``: ``"off"``, ``"cuda"`` (each generate call's decode steps, the next-token choice included, are
