@@ -297,15 +297,16 @@ static inline float dot_one_row(const float* x, int64_t K, const typename W::T* 
   return hsum((a0 + a1) + (a2 + a3)) + tail_dot<W>(x, w, k, K);
 }
 
-// x [M, K], w [N, K], out [M, N] (row stride ldo), all row-major; weight rows split over threads; scale: [N]
-// per-row scales or nullptr
-template <class W>
-static void skinny(const float* x, int64_t M, int64_t K, const typename W::T* w, int64_t N, float* out, int64_t ldo,
-                   bool acc, const float* scale) {
+// The thread split of the skinny kernels, out [M, N] (row stride ldo): at one row of x, weight rows one at a time
+// (one(n): row n's dot product); at more, pairs of weight rows (n, n + 1; two: whether n + 1 exists) against blocks
+// of up to 6 rows of x (rows(std::integral_constant<int, MR>, m0, n, two) writes out rows m0 .. m0 + MR - 1), 6 rows
+// x 2 weight rows being 12 accumulators + 2 weight vectors
+template <class One, class Rows>
+static void split_rows(int64_t M, int64_t N, float* out, bool acc, One one, Rows rows) {
   if (M == 1) {
     at::parallel_for(0, N, 64, [&](int64_t lo, int64_t hi) {
       for (int64_t n = lo; n < hi; ++n) {
-        const float v = dot_one_row<W>(x, K, w + n * K) * (scale ? scale[n] : 1.f);
+        const float v = one(n);
         out[n] = acc ? out[n] + v : v;
       }
     });
@@ -315,22 +316,31 @@ static void skinny(const float* x, int64_t M, int64_t K, const typename W::T* w,
     for (int64_t t = lo; t < hi; ++t) {
       const int64_t n = 2 * t;
       const bool two = n + 1 < N;
-      const typename W::T *w0 = w + n * K, *w1 = two ? w0 + K : w0;
-      const float sc0 = scale ? scale[n] : 1.f, sc1 = scale && two ? scale[n + 1] : sc0;
-      for (int64_t m0 = 0; m0 < M; m0 += 6) {  // 6 rows x 2 weight rows: 12 accumulators + 2 weight vectors
-        const float* xs = x + m0 * K;
-        float* os = out + m0 * ldo + n;
+      for (int64_t m0 = 0; m0 < M; m0 += 6) {
         switch (std::min<int64_t>(6, M - m0)) {
-          case 6: dot_rows<6, W>(xs, K, w0, w1, os, ldo, two, acc, sc0, sc1); break;
-          case 5: dot_rows<5, W>(xs, K, w0, w1, os, ldo, two, acc, sc0, sc1); break;
-          case 4: dot_rows<4, W>(xs, K, w0, w1, os, ldo, two, acc, sc0, sc1); break;
-          case 3: dot_rows<3, W>(xs, K, w0, w1, os, ldo, two, acc, sc0, sc1); break;
-          case 2: dot_rows<2, W>(xs, K, w0, w1, os, ldo, two, acc, sc0, sc1); break;
-          default: dot_rows<1, W>(xs, K, w0, w1, os, ldo, two, acc, sc0, sc1);
+          case 6: rows(std::integral_constant<int, 6>{}, m0, n, two); break;
+          case 5: rows(std::integral_constant<int, 5>{}, m0, n, two); break;
+          case 4: rows(std::integral_constant<int, 4>{}, m0, n, two); break;
+          case 3: rows(std::integral_constant<int, 3>{}, m0, n, two); break;
+          case 2: rows(std::integral_constant<int, 2>{}, m0, n, two); break;
+          default: rows(std::integral_constant<int, 1>{}, m0, n, two);
         }
       }
     }
   });
+}
+
+// x [M, K], w [N, K], out [M, N] (row stride ldo), all row-major; weight rows split over threads; scale: [N]
+// per-row scales or nullptr
+template <class W>
+static void skinny(const float* x, int64_t M, int64_t K, const typename W::T* w, int64_t N, float* out, int64_t ldo,
+                   bool acc, const float* scale) {
+  split_rows(M, N, out, acc, [&](int64_t n) { return dot_one_row<W>(x, K, w + n * K) * (scale ? scale[n] : 1.f); },
+             [&](auto mr, int64_t m0, int64_t n, bool two) {
+               const typename W::T *w0 = w + n * K, *w1 = two ? w0 + K : w0;
+               const float sc0 = scale ? scale[n] : 1.f, sc1 = scale && two ? scale[n + 1] : sc0;
+               dot_rows<decltype(mr)::value, W>(x + m0 * K, K, w0, w1, out + m0 * ldo + n, ldo, two, acc, sc0, sc1);
+             });
 }
 
 // --- bfloat16 weights with bfloat16 activations: x rounded to bfloat16 once per call ---------------------------
@@ -421,34 +431,11 @@ static void skinny_bf16_act(const float* x, int64_t M, int64_t K, const uint16_t
 #if DAERT_AVX512BF16
   if (K % BW == 0) {
     const uint16_t* xp = xb.data();
-    if (M == 1) {
-      at::parallel_for(0, N, 64, [&](int64_t lo, int64_t hi) {
-        for (int64_t n = lo; n < hi; ++n) {
-          const float v = bf16_one_row(xp, K, w + n * K);
-          out[n] = acc ? out[n] + v : v;
-        }
-      });
-      return;
-    }
-    at::parallel_for(0, (N + 1) / 2, 16, [&](int64_t lo, int64_t hi) {
-      for (int64_t t = lo; t < hi; ++t) {
-        const int64_t n = 2 * t;
-        const bool two = n + 1 < N;
-        const uint16_t *w0 = w + n * K, *w1 = two ? w0 + K : w0;
-        for (int64_t m0 = 0; m0 < M; m0 += 6) {
-          const uint16_t* xs = xp + m0 * K;
-          float* os = out + m0 * ldo + n;
-          switch (std::min<int64_t>(6, M - m0)) {
-            case 6: bf16_rows<6>(xs, K, w0, w1, os, ldo, two, acc); break;
-            case 5: bf16_rows<5>(xs, K, w0, w1, os, ldo, two, acc); break;
-            case 4: bf16_rows<4>(xs, K, w0, w1, os, ldo, two, acc); break;
-            case 3: bf16_rows<3>(xs, K, w0, w1, os, ldo, two, acc); break;
-            case 2: bf16_rows<2>(xs, K, w0, w1, os, ldo, two, acc); break;
-            default: bf16_rows<1>(xs, K, w0, w1, os, ldo, two, acc);
-          }
-        }
-      }
-    });
+    split_rows(M, N, out, acc, [&](int64_t n) { return bf16_one_row(xp, K, w + n * K); },
+               [&](auto mr, int64_t m0, int64_t n, bool two) {
+                 const uint16_t *w0 = w + n * K, *w1 = two ? w0 + K : w0;
+                 bf16_rows<decltype(mr)::value>(xp + m0 * K, K, w0, w1, out + m0 * ldo + n, ldo, two, acc);
+               });
     return;
   }
 #endif
