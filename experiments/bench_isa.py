@@ -30,7 +30,7 @@ BATCHES = (1, 8)
 
 
 def one_step_diff(backend, modules, tok_id: int) -> float:
-    """Largest difference between the builds' hidden states after one prefill and one decode step."""
+    """Largest difference between the builds' logits after one prefill and one decode step."""
     import torch
 
     outs = []

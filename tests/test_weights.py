@@ -170,7 +170,7 @@ def test_skinny_kernel_with_bf16_activations_equals_rounded_reference(tiny, rows
     ref = bf16_linear_reference(x, q)
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
     float_acts = be.native.skinny_linear(x, q.stored)
-    assert (float_acts.double() - ref).abs().max() > 1e-3 * ref.abs().max()  # the rounding is visible
+    assert (float_acts.double() - ref).abs().max() > 3e-4 * ref.abs().max()  # the rounding is visible
     with pytest.raises(ValueError, match="bf16 activations multiply bf16 weights"):
         bf16_linear_reference(x, quantize(torch.randn(4, cols), "int8"))
 

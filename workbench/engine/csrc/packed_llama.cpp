@@ -345,10 +345,10 @@ static void skinny(const float* x, int64_t M, int64_t K, const typename W::T* w,
 
 // --- bfloat16 weights with bfloat16 activations: x rounded to bfloat16 once per call ---------------------------
 // A bfloat16 x bfloat16 product is exact in float32 (8-bit significands), so the activations' rounding is the only
-// change from float32 activations. With AVX-512 BF16 each vdpbf16ps takes 16 (ymm) or 32 (zmm) weight pairs into
-// float32 sums, with no widening; elsewhere the widening kernel above runs on x's rounded values (the same products,
+// change from float32 activations. With AVX-512 BF16 each vdpbf16ps takes 16 (ymm) or 32 (zmm) bfloat16 weights (8 or
+// 16 pairs) into float32 sums (denormals flushed), with no widening; elsewhere the widening kernel above runs on x's rounded values (the same products,
 // other summation order).
-static inline uint16_t to_bf16(float f) {  // round to nearest even, as torch's float -> bfloat16
+static inline uint16_t to_bf16(float f) {  // round to nearest even, as torch's float -> bfloat16 (NaN payloads aside)
   uint32_t u;
   std::memcpy(&u, &f, 4);
   if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // NaN stays a quiet NaN
