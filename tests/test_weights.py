@@ -185,8 +185,8 @@ def test_low_activations_through_the_engine(tiny, fmt, low, tmp_path):
     vec = 4 * torch.randn(model.config.hidden_size)
     engines = {act: Engine(model, tok, weights=fmt, activations=act, adapters=reg, threads=None)
                for act in ("fp32", low)}
-    engines["q8"] = engines.pop(low)  # the low-precision engine, under one key
-    assert engines["q8"].backend.native is not None and engines["q8"].backend.activations == low
+    engines["low"] = engines.pop(low)  # the low-precision engine, under one key
+    assert engines["low"].backend.native is not None and engines["low"].backend.activations == low
     flags = []
 
     class Spy:  # records the low-activations flag of every layer call (the LM head's alone would also change logits)
@@ -200,7 +200,7 @@ def test_low_activations_through_the_engine(tiny, fmt, low, tmp_path):
             flags.append(args[-1])
             return self.mod.decode_layers_ex(*args)
 
-    engines["q8"].backend.native = Spy(engines["q8"].backend.native)
+    engines["low"].backend.native = Spy(engines["low"].backend.native)
     out = {}
     for act, eng in engines.items():
         for name, iv in (("plain", {}), ("offset", {"offsets": {"blocks.1.hook_resid_pre": vec}}),
@@ -209,14 +209,14 @@ def test_low_activations_through_the_engine(tiny, fmt, low, tmp_path):
                 s = eng.start(PROMPTS, 2)
                 out[act, name] = s.decode(torch.tensor([8, 9])).clone()
     for name in ("plain", "offset", "adapter"):
-        diff = (out["q8", name] - out["fp32", name]).abs().max()
+        diff = (out["low", name] - out["fp32", name]).abs().max()
         assert 0 < diff < 0.05 * out["fp32", name].abs().max(), name
-        if name != "plain":  # the intervention's effect on q8 matches its effect on float activations
-            effect_q8 = out["q8", name] - out["q8", "plain"]
+        if name != "plain":  # the effect on low-precision activations matches the effect on float ones
+            effect_low = out["low", name] - out["low", "plain"]
             effect_fp = out["fp32", name] - out["fp32", "plain"]
             assert effect_fp.abs().max() > 10 * diff
-            torch.testing.assert_close(effect_q8, effect_fp, rtol=0.1, atol=0.1 * effect_fp.abs().max().item())
-    assert flags and all(flags)  # every decode step's layers (whole, per layer for offsets, with LoRA) ran q8
+            torch.testing.assert_close(effect_low, effect_fp, rtol=0.1, atol=0.1 * effect_fp.abs().max().item())
+    assert flags and all(flags)  # every decode step's layers (whole, per layer for offsets, with LoRA) ran low-precision
 
 
 def test_q8_activation_refusals(tiny):

@@ -31,7 +31,9 @@ FORMATS = ("fp32", "bf16", "fp16", "int8", "q4")
 # what the skinny kernel multiplies the weights with: float32, int8 blocks (q8: int8 and q4 weights only) or bfloat16
 # (bf16: bf16 weights only; AVX-512 BF16 dot products where the CPU has them)
 ACTIVATIONS = ("fp32", "q8", "bf16")
-LOW_ACTIVATIONS = {"q8": ("int8", "q4"), "bf16": ("bf16",)}  # the weight formats each low-precision one takes
+# each low-precision activation format: the weight formats it takes, and how it multiplies them
+LOW_ACTIVATIONS = {"q8": (("int8", "q4"), "int8 or q4 weights with integer dot products"),
+                   "bf16": (("bf16",), "bf16 weights with bfloat16 dot products")}
 # the GEMM of prefills past the fused decode loop: ATen's F.linear (fp32: HF's own call, HF's bits) or oneDNN on
 # copies of the matrices reordered once (faster; float rounding of its own; one more float32 copy of the layers)
 PREFILLS = ("aten", "onednn")
@@ -48,12 +50,9 @@ class Quantized:
 def check_activations(name: str, weights: str) -> str:
     if name not in ACTIVATIONS:
         raise UnknownNameError("activation format", name, list(ACTIVATIONS))
-    if name == "q8" and weights not in LOW_ACTIVATIONS["q8"]:
-        raise ValueError(f"activations='q8' multiplies int8 or q4 weights with integer dot products; "
-                         f"weights={weights!r} computes in float32")
-    if name == "bf16" and weights not in LOW_ACTIVATIONS["bf16"]:
-        raise ValueError(f"activations='bf16' multiplies bf16 weights with bfloat16 dot products; "
-                         f"weights={weights!r} does not")
+    takes, how = LOW_ACTIVATIONS.get(name, ((weights,), ""))
+    if weights not in takes:
+        raise ValueError(f"activations={name!r} multiplies {how}; weights={weights!r} does not")
     return name
 
 

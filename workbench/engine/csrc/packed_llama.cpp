@@ -28,8 +28,8 @@
 #if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
-// AVX-512 paths (512-bit float vectors; VNNI integer dot products; AVX-512 BF16 dot products), taken when the build
-// targets them (-march=native on a CPU that has them); -DDAERT_NO_AVX512=1 builds the AVX2 paths instead, for side by
+// AVX-512 paths (VNNI integer dot products; AVX-512 BF16 dot products; 512-bit float vectors only with
+// -DDAERT_FLOAT_BITS=512), taken when the build targets them (-march=native on a CPU that has them); -DDAERT_NO_AVX512=1 builds the AVX2 paths instead, for side by
 // side comparisons (experiments/bench_isa.py) and tests.
 #ifndef DAERT_NO_AVX512
 #define DAERT_NO_AVX512 0
@@ -111,8 +111,9 @@ static inline float dot(const float* a, const float* b, int64_t n) {
 // --- skinny_linear: out[m, n] (+)= sum_k x[m, k] * w[n, k] for a few rows m -----------------------------
 // BLAS time for [M, K] @ W grows about linearly with M for small M on CPUs measured here (M = 3: 2x M = 1),
 // although the step is memory-bound: each weight row should be read once for all M rows. This kernel streams
-// the weight rows (contiguous) and keeps the M input rows in L1. GCC vector extensions of VW floats: 16 (zmm) with
-// AVX-512, else 8 (ymm with AVX2; other targets split them as they can).
+// the weight rows (contiguous) and keeps the M input rows in L1. GCC vector extensions of VW floats: 8 (ymm with AVX2,
+// and with AVX-512 too: measured faster at one row, experiments/bench_isa.py), or 16 (zmm) built with
+// -DDAERT_FLOAT_BITS=512 on AVX-512; other targets split them as they can.
 #ifndef DAERT_FLOAT_BITS
 #define DAERT_FLOAT_BITS 256
 #endif
@@ -345,9 +346,9 @@ static void skinny(const float* x, int64_t M, int64_t K, const typename W::T* w,
 
 // --- bfloat16 weights with bfloat16 activations: x rounded to bfloat16 once per call ---------------------------
 // A bfloat16 x bfloat16 product is exact in float32 (8-bit significands), so the activations' rounding is the only
-// change from float32 activations. With AVX-512 BF16 each vdpbf16ps takes 16 (ymm) or 32 (zmm) bfloat16 weights (8 or
-// 16 pairs) into float32 sums (denormals flushed), with no widening; elsewhere the widening kernel above runs on x's rounded values (the same products,
-// other summation order).
+// change from float32 activations. With AVX-512 BF16 each vdpbf16ps takes 16 (ymm) or 32 (zmm) bfloat16 weights
+// (8 or 16 pairs) into float32 sums (denormals flushed), with no widening; elsewhere the widening kernel above runs
+// on x's rounded values (the same products, other summation order).
 static inline uint16_t to_bf16(float f) {  // round to nearest even, as torch's float -> bfloat16 (NaN payloads aside)
   uint32_t u;
   std::memcpy(&u, &f, 4);
@@ -384,9 +385,8 @@ static inline float bf16_one_row(const uint16_t* x, int64_t K, const uint16_t* w
   bacc a0 = bzero(), a1 = bzero(), a2 = bzero(), a3 = bzero();
   int64_t k = 0;
   for (; k + 4 * BW <= K; k += 4 * BW) {
-    if constexpr (DAERT_PF_16 > 0)
-      for (int64_t off = 0; off < 4 * BW * 2; off += 64)
-        __builtin_prefetch(reinterpret_cast<const char*>(w + k) + off + DAERT_PF_16);
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) prefetch_ahead<BF16>(w, k + j * BW);  // each cache line once
     a0 = bdot(a0, bload(x + k), bload(w + k));
     a1 = bdot(a1, bload(x + k + BW), bload(w + k + BW));
     a2 = bdot(a2, bload(x + k + 2 * BW), bload(w + k + 2 * BW));
@@ -403,10 +403,8 @@ static inline void bf16_rows(const uint16_t* x, int64_t K, const uint16_t* w0, c
   bacc a[MR], b[MR];
   for (int m = 0; m < MR; ++m) a[m] = b[m] = bzero();
   for (int64_t k = 0; k < K; k += BW) {
-    if ((k * 2) % 64 == 0) {
-      __builtin_prefetch(reinterpret_cast<const char*>(w0 + k) + ROWS_PREFETCH);
-      __builtin_prefetch(reinterpret_cast<const char*>(w1 + k) + ROWS_PREFETCH);
-    }
+    prefetch_ahead<BF16, ROWS_PREFETCH>(w0, k);
+    prefetch_ahead<BF16, ROWS_PREFETCH>(w1, k);
     const bvec p = bload(w0 + k), q = bload(w1 + k);
 #pragma GCC unroll 8
     for (int m = 0; m < MR; ++m) {
