@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from workbench.sae import SAEConfig, SparseAutoencoder, TrainConfig, train_sae
 
@@ -44,11 +45,18 @@ def train(data: list[torch.Tensor], total_tokens: int, accelerate: bool = False)
 def main(out: Path) -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.set_num_threads(1)
-    for steps in STEPS:
-        part = [b.chunk(world)[rank] for b in batches(steps)]
-        weights, history = train(part, steps * BATCH, accelerate=True)
-        assert len(history) == steps, "each process must take the global number of steps"
-        torch.save(weights, out / f"steps{steps}_rank{rank}.pt")
+    try:
+        for steps in STEPS:
+            part = [b.chunk(world)[rank] for b in batches(steps)]
+            weights, history = train(part, steps * BATCH, accelerate=True)
+            assert len(history) == steps, "each process must take the global number of steps"
+            torch.save(weights, out / f"steps{steps}_rank{rank}.pt")
+        # accelerate opens the gloo group and leaves it open; a rank that exits while the other still holds
+        # its connection aborts ("terminate called without an active exception"): meet before closing it
+        dist.barrier()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
