@@ -15,6 +15,9 @@ the edits still hold, perplexity within 10% of the unedited model's.
     .venv/bin/python experiments/edit_smollm2.py                       # everything (long on a CPU)
     .venv/bin/python experiments/edit_smollm2.py --limit 5 --seq-edits 10   # a quick subset
 
+``--hparams METHOD=JSON`` (repeatable) overrides fields of a method's defaults file in both parts; the results
+files record every method's hyperparameters as run.
+
 writes experiments/results/editing/edit_smollm2.json, sequential_smollm2.json and the PNGs edit_smollm2.png,
 sequential_smollm2.png. Results are written after each method, so an interrupted run keeps what it measured.
 """
@@ -22,6 +25,7 @@ sequential_smollm2.png. Results are written after each method, so an interrupted
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import time
 from pathlib import Path
@@ -35,6 +39,23 @@ METHODS = ("rome", "memit", "alphaedit", "ft")
 SINGLE_TARGETS = {"rewrite_greedy": 0.95, "rephrase_greedy": 0.80, "neighborhood_greedy": 0.90}
 
 
+def parse_overrides(items: list[str]) -> dict[str, dict]:
+    """``["alphaedit={\"l2\": 3}", ...]`` -> ``{"alphaedit": {"l2": 3}}``; ValueError with the reason."""
+    out: dict[str, dict] = {}
+    for item in items:
+        method, sep, raw = item.partition("=")
+        if not sep or method not in METHODS:
+            raise ValueError(f"{item!r}: expected METHOD=JSON with METHOD one of {', '.join(METHODS)}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{item!r}: not JSON ({e})") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"{item!r}: the JSON must be an object of fields")
+        out.setdefault(method, {}).update(value)
+    return out
+
+
 def single_edits(model, tok, reqs, methods, args, out: dict, path: Path) -> None:
     from workbench.surgery.edit import Editor
     from workbench.surgery.metrics import EditMetrics, evaluate_requests
@@ -43,7 +64,7 @@ def single_edits(model, tok, reqs, methods, args, out: dict, path: Path) -> None
     out["unedited"] = {k: v for k, v in pre.to_dict().items() if k != "per_request"}
     out["methods"] = {}
     for method in methods:
-        editor = Editor(model, tok, method=method, progress=False)
+        editor = Editor(model, tok, method=method, hparams=args.overrides.get(method), progress=False)
         per, seconds, t0 = [], [], time.time()
         for i, r in enumerate(reqs):
             t = time.time()
@@ -128,7 +149,17 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--hparams", action="append", default=[], metavar="METHOD=JSON",
+                    help="override fields of METHOD's defaults (repeatable)")
     args = ap.parse_args()
+    from workbench.surgery.hparams import load_hparams
+
+    try:
+        args.overrides = parse_overrides(args.hparams)
+        for method, fields in args.overrides.items():
+            load_hparams(method, overrides=fields)  # unknown fields and bad values, before any model loads
+    except ValueError as e:
+        ap.error(f"--hparams: {e}")
 
     import workbench
     from workbench.data.windows import token_windows
@@ -166,7 +197,7 @@ def main() -> None:
                       f"ppl {p.get('ppl', float('nan')):.3f} [{time.time() - t0:.0f} s]", flush=True)
 
             r = run_sequential(model, tok, order, method, batch_size=args.seq_batch, eval_every=args.eval_every,
-                               ppl_windows=windows, on_point=show)
+                               hparams=args.overrides.get(method), ppl_windows=windows, on_point=show)
             results.append(r)
             last = r.points[-1]
             run = r.to_dict()

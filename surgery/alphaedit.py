@@ -6,7 +6,11 @@
 With the new keys ``K₁``, residuals ``R`` and the keys of every earlier edit ``K_p`` (accumulated by
 :class:`workbench.surgery.edit.Editor` across calls),
 
-    ΔW = R K₁ᵀ P (P (K_p K_pᵀ + K₁ K₁ᵀ) P + α I)⁻¹.
+    ΔW = R K₁ᵀ P (P (λ_p K_p K_pᵀ + K₁ K₁ᵀ) P + α I)⁻¹.
+
+``λ_p`` (``prev_weight``) is 1 in the paper. Larger, it keeps later batches from moving the earlier edits' keys
+(``ΔW k_p → 0``) while the new keys' solve is damped only along the old keys' directions, where a larger ``α``
+damps every direction.
 
 ``P`` commutes with the bracket, so ``ΔW = ΔW P``: the update's rows lie in the null space and
 ``ΔW k ≈ 0`` for preserved keys ``k``. Residuals are spread over the layers as in MEMIT.
@@ -39,10 +43,11 @@ def null_projector(cov: torch.Tensor, threshold: float) -> torch.Tensor:
     return u @ u.T
 
 
-def alphaedit_update(keys, resid, proj, prev, l2: float) -> torch.Tensor:
+def alphaedit_update(keys, resid, proj, prev, l2: float, prev_weight: float = 1.0) -> torch.Tensor:
     """``[d_model, d_mlp]`` update above; ``prev`` = ``K_p K_pᵀ`` (``[d_mlp, d_mlp]``, zeros before any edit)."""
     k, r, p = keys.double(), resid.double(), proj.double().to(keys.device)
-    a = p @ (prev.double().to(k.device) + k.T @ k) @ p + l2 * torch.eye(p.shape[0], dtype=p.dtype, device=p.device)
+    a = p @ (prev_weight * prev.double().to(k.device) + k.T @ k) @ p + l2 * torch.eye(p.shape[0], dtype=p.dtype,
+                                                                                        device=p.device)
     x = torch.linalg.solve(a, p @ k.T)  # [d_mlp, n] = A⁻¹ P K₁ᵀ (A, P symmetric)
     return r.T @ x.T
 
@@ -58,7 +63,7 @@ def apply_alphaedit(editor, requests, weights) -> dict:
         if prev is None:
             prev = torch.zeros_like(proj)
         new_keys[layer] = keys.double().T @ keys.double()
-        return alphaedit_update(keys, resid, proj, prev, hp.l2)
+        return alphaedit_update(keys, resid, proj, prev, hp.l2, hp.prev_weight)
 
     info = spread_edit(editor, requests, weights, solve)
     # only once the whole batch went in: a failed edit leaves the accumulated keys as they were

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,12 @@ def _check_passes(hp) -> None:
     passes = getattr(hp, "spread_passes", 1)
     if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
         raise HparamsError(f"{type(hp).__name__}: spread_passes must be an integer >= 1, got {hp.spread_passes!r}")
+
+
+def _check_prev_weight(hp) -> None:
+    w = getattr(hp, "prev_weight", 1.0)
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+        raise HparamsError(f"{type(hp).__name__}: prev_weight must be a finite number >= 0, got {w!r}")
 
 
 @dataclass
@@ -99,8 +106,15 @@ class AlphaEditHparams(SpreadOpt):
     stats: StatsConfig = field(default_factory=StatsConfig)
     # null space: eigenvectors of C whose eigenvalue is below null_threshold * the largest eigenvalue
     null_threshold: float = 1e-2
-    l2: float = 10.0  # α in ΔW = R K₁ᵀ P (P(K_p K_pᵀ + K₁K₁ᵀ)P + α I)⁻¹ (Fang et al. 2025, eq. 13)
+    l2: float = 10.0  # α in ΔW = R K₁ᵀ P (P(λ_p K_p K_pᵀ + K₁K₁ᵀ)P + α I)⁻¹ (Fang et al. 2025, eq. 13)
+    # λ_p, the weight of the earlier edits' keys: 1 is the paper's form; more guards earlier edits against later
+    # batches without shrinking the new ones as a larger α does
+    prev_weight: float = 1.0
     ridge: float = 0.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_prev_weight(self)
 
 
 @dataclass
@@ -190,6 +204,7 @@ def validate_layers(hp, model) -> None:
     """Every layer of ``hp`` must exist in ``model``, and ``spread_passes`` be >= 1 (checked before any weight
     changes, also for a dataclass changed after it was made)."""
     _check_passes(hp)
+    _check_prev_weight(hp)
     n = model.config.num_hidden_layers
     layers = list(hp.layers)
     if not layers:

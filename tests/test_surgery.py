@@ -334,6 +334,42 @@ def test_alphaedit_editor_protects_earlier_edits(tiny_stats):
     assert float(guarded.norm()) > 0.1 * float(unguarded.norm())  # the second edit still happened
 
 
+def test_alphaedit_prev_weight_scales_the_guard_on_earlier_edits(tiny_stats):
+    """``prev_weight`` (λ_p) weighs the accumulated keys: 0 gives a fresh editor's update exactly (nothing
+    accumulated), and a larger weight moves the first edit's key less; the second edit's own key still moves."""
+    hp = dict(VALUE, layers=[1], null_threshold=1e-3, l2=1.0)
+    name = "model.layers.1.mlp.down_proj.weight"
+    m, tok = fresh()
+    k1 = compute_keys(m, tok, 1, [REQ], [""])[0].double()
+    k2 = compute_keys(m, tok, 1, [OTHER], [""])[0].double()
+    Editor(m, tok, method="alphaedit", hparams=hp, stats=tiny_stats).apply([REQ])
+    fresh_update = Editor(m, tok, method="alphaedit", hparams=hp, stats=tiny_stats).apply([OTHER]).deltas[name]
+    moved, own = {}, {}
+    for w in (0.0, 1.0, 100.0):
+        m2, _ = fresh()
+        ed = Editor(m2, tok, method="alphaedit", hparams=dict(hp, prev_weight=w), stats=tiny_stats)
+        ed.apply([REQ])
+        d = ed.apply([OTHER]).deltas[name]
+        if w == 0.0:
+            torch.testing.assert_close(d, fresh_update, rtol=1e-6, atol=1e-9)
+        moved[w], own[w] = float((d.double() @ k1).norm()), float((d.double() @ k2).norm())
+    assert moved[100.0] < 0.5 * moved[1.0] < 0.5 * moved[0.0], moved
+    assert own[100.0] > 0.1 * own[0.0], own
+
+
+def test_alphaedit_prev_weight_refused_when_negative(tiny_stats):
+    for bad in (-1.0, float("nan"), True, "1"):
+        with pytest.raises(HparamsError, match="prev_weight"):
+            load_hparams("alphaedit", overrides={"prev_weight": bad})
+    m, tok = fresh()
+    hp = load_hparams("alphaedit", m, overrides=dict(VALUE, layers=[1]))
+    hp.prev_weight = -1.0
+    snap = snapshot(m)
+    with pytest.raises(HparamsError, match="prev_weight"):
+        edit_model(m, tok, [REQ], method="alphaedit", hparams=hp, evaluate=False, stats=tiny_stats)
+    assert_same_weights(m, snap)
+
+
 def test_ft_respects_the_norm_constraint(tiny_stats):
     m, tok = fresh()
     res = edit_model(m, tok, [REQ], method="ft", hparams={"layer": 1, "lr": 1e-2, "norm_constraint": 0.02,
