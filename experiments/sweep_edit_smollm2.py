@@ -21,7 +21,8 @@ Each configuration edits every sweep fact alone (``workbench.surgery.Editor``), 
 ranked by the number of ROME targets met (greedy edit >= 0.95, paraphrase >= 0.80, neighbourhood unchanged
 >= 0.90), then the smallest margin above a target, then the mean of the three greedy rates, then the ROME
 scores (``rank_key``). ``--rank SWEEP_JSON [...] --out RANKED_JSON`` ranks written sweeps of the same facts
-together, without editing; ``--base JSON`` overrides the base configuration of stages 1-2.
+together, without editing; ``--base JSON`` overrides the base configuration of stages 1-2, and
+``--stats-tokens N`` the corpus tokens of the key statistics (every configuration then records them).
 
     .venv/bin/python experiments/sweep_edit_smollm2.py [--limit 12] [--layers 2 3 4 6]
 
@@ -161,6 +162,8 @@ def main() -> None:
                     "experiments/results/editing; with --rank it must be given)")
     ap.add_argument("--base", default="{}", metavar="JSON",
                     help=f"overrides of the stages' base configuration {json.dumps(BASE)}")
+    ap.add_argument("--stats-tokens", type=int, default=None,
+                    help="corpus tokens of the key statistics (default: ROMEHparams' own); recorded in each config")
     ap.add_argument("--rank", type=Path, nargs="+", default=None, metavar="SWEEP_JSON",
                     help="only rank the configurations of written sweeps (on the same facts) and write the choice "
                          "to --out")
@@ -198,6 +201,9 @@ def main() -> None:
     reqs = pick(rest, args.limit)
     reference = reference_predictions(model, tok, reqs)
     hp0 = ROMEHparams()
+    if args.stats_tokens is not None:  # every configuration names the statistics it was run with
+        hp0.stats.tokens = args.stats_tokens
+        base["stats"] = {"tokens": args.stats_tokens}
     stats = compute_stats(model, tok, sorted(set(layers) | set(args.specificity_layers)), corpus=hp0.stats.corpus,
                           tokens=hp0.stats.tokens, progress=False)
     rows: list[dict] = []
