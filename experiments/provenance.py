@@ -6,6 +6,7 @@ import contextlib
 import datetime
 import json
 import platform
+import shlex
 import subprocess
 import sys
 from importlib import metadata
@@ -56,7 +57,9 @@ def versions() -> dict[str, str]:
 def provenance(argv: list[str] | None = None) -> dict:
     """The fields every results JSON carries."""
     argv = sys.argv if argv is None else argv
-    cmd = " ".join([".venv/bin/python", str(Path(argv[0]).resolve().relative_to(ROOT)) if argv else "", *argv[1:]])
+    # quoted as a shell would need it, so that an argument holding spaces or JSON can be pasted back
+    cmd = " ".join([".venv/bin/python", str(Path(argv[0]).resolve().relative_to(ROOT)) if argv else "",
+                    *map(shlex.quote, argv[1:])])
     return {"command": cmd, "commit": git_commit(), "machine": machine(), "versions": versions(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 

@@ -25,3 +25,18 @@ def test_results_file_has_provenance(path):
     assert isinstance(data["machine"], str) and data["machine"]
     assert isinstance(data["versions"], dict)
     datetime.datetime.fromisoformat(data["date"])
+
+
+def test_command_quotes_arguments_for_the_shell():
+    """An argument holding spaces or JSON comes back whole when the recorded command is split as a shell would."""
+    import shlex
+    import sys
+
+    sys.path.insert(0, str(RESULTS.parent))
+    try:
+        from provenance import provenance
+    finally:
+        sys.path.remove(str(RESULTS.parent))
+    argv = [str(RESULTS.parent / "edit_smollm2.py"), "--hparams", 'alphaedit={"prev_weight": 10.0}', "--limit", "2"]
+    cmd = provenance(argv)["command"]
+    assert shlex.split(cmd) == [".venv/bin/python", "experiments/edit_smollm2.py", *argv[1:]]
