@@ -28,6 +28,9 @@ def main(out: Path) -> None:
         st = stats(out / "cache")
         if dist.get_rank() == 0:
             torch.save({"sums": st.sums, "count": st.count}, out / "ddp.pt")
+        # a rank that closes the group while the other still holds its connection aborts ("terminate called
+        # without an active exception"): meet before closing it
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
