@@ -29,13 +29,11 @@ class HparamsError(WorkbenchError, ValueError):
     """Hyperparameters that do not fit the model or the method."""
 
 
-def _check_passes(hp) -> None:
+def _check_spread(hp) -> None:
+    """``spread_passes`` an integer >= 1 and (AlphaEdit) ``prev_weight`` a finite number >= 0, where present."""
     passes = getattr(hp, "spread_passes", 1)
     if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
         raise HparamsError(f"{type(hp).__name__}: spread_passes must be an integer >= 1, got {hp.spread_passes!r}")
-
-
-def _check_prev_weight(hp) -> None:
     w = getattr(hp, "prev_weight", 1.0)
     if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
         raise HparamsError(f"{type(hp).__name__}: prev_weight must be a finite number >= 0, got {w!r}")
@@ -89,7 +87,7 @@ class SpreadOpt(ValueOpt):
     spread_passes: int = 1  # sweeps over the layer range, each on the residual the previous ones left
 
     def __post_init__(self):
-        _check_passes(self)
+        _check_spread(self)
 
 
 @dataclass
@@ -111,10 +109,6 @@ class AlphaEditHparams(SpreadOpt):
     # batches without shrinking the new ones as a larger α does
     prev_weight: float = 1.0
     ridge: float = 0.0
-
-    def __post_init__(self):
-        super().__post_init__()
-        _check_prev_weight(self)
 
 
 @dataclass
@@ -201,10 +195,9 @@ def load_hparams(method: str, model=None, overrides: dict | None = None, path: s
 
 
 def validate_layers(hp, model) -> None:
-    """Every layer of ``hp`` must exist in ``model``, and ``spread_passes`` be >= 1 (checked before any weight
-    changes, also for a dataclass changed after it was made)."""
-    _check_passes(hp)
-    _check_prev_weight(hp)
+    """Every layer of ``hp`` must exist in ``model``, and the spread fields be valid (``_check_spread``; checked
+    before any weight changes, also for a dataclass changed after it was made)."""
+    _check_spread(hp)
     n = model.config.num_hidden_layers
     layers = list(hp.layers)
     if not layers:
