@@ -155,6 +155,11 @@ def main() -> None:
     ap.add_argument("--clamps", type=float, nargs="*", default=[1.0, 2.0])
     ap.add_argument("--kls", type=float, nargs="*", default=[0.5])
     ap.add_argument("--steps", type=int, nargs="*", default=[40])
+    ap.add_argument("--preserve", type=int, nargs="*", default=[],
+                    help="stage 2: preserve_subjects values to try (subjects held fixed; default: none)")
+    ap.add_argument("--from-best", type=Path, default=None, metavar="SWEEP_JSON",
+                    help="skip stage 1: start stage 2 from the chosen configuration of a written sweep or --rank "
+                         "file on the same facts (rank the files together with --rank afterwards)")
     ap.add_argument("--trace", type=Path, default=OUT / "trace_smollm2.json")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
@@ -174,6 +179,15 @@ def main() -> None:
         rank_files(args.rank, args.out)
         return
     args.out = args.out or OUT / "sweep_smollm2.json"
+    start = None
+    if args.from_best is not None:
+        try:
+            start = json.loads(args.from_best.read_text())
+            if "case_ids" not in start:  # a --rank file: the facts of the sweeps it ranked
+                start["case_ids"] = json.loads(Path(start["sources"][0]["file"]).read_text())["case_ids"]
+            start["chosen"]
+        except (OSError, json.JSONDecodeError, KeyError, IndexError, TypeError) as e:
+            ap.error(f"--from-best: not a written sweep with a chosen configuration ({e})")
     try:
         base = {**BASE, **json.loads(args.base)}
     except (json.JSONDecodeError, TypeError) as e:
@@ -199,6 +213,8 @@ def main() -> None:
         layers, source = [4, 5, 6, 7, 8], "fallback"
     evaluation, rest = split(load_requests(args.facts), args.eval_size)
     reqs = pick(rest, args.limit)
+    if start is not None and start["case_ids"] != [r.case_id for r in reqs]:
+        raise SystemExit("--from-best: that sweep edited other facts; use the same --limit and --eval-size")
     reference = reference_predictions(model, tok, reqs)
     hp0 = ROMEHparams()
     if args.stats_tokens is not None:  # every configuration names the statistics it was run with
@@ -236,17 +252,25 @@ def main() -> None:
 
     print(f"\nstages 1-2: ROME on {len(reqs)} facts (case ids {result['case_ids']})")
     print(f"{'config':<104}{'edit':>7}{'para':>7}{'neigh':>7}{'eff_s':>7}{'par_s':>7}{'nei_s':>7}{'s':>7}")
-    for layer in args.reference:  # subject-token values (the previous defaults at layer 6), for comparison
-        run({"layer": layer, "value_through_update": False, **base})
-    for layer in layers:
-        for mode in args.values:
-            if not (layer in args.reference and mode == "subject"):
-                run({"layer": layer, "value_through_update": VALUE_MODES[mode], **base})
-    best = dict(max(rows, key=rank_key)["overrides"])
-    for name, values in (("clamp_norm_factor", args.clamps), ("kl_factor", args.kls), ("v_steps", args.steps)):
+    if start is not None:
+        best = dict(start["chosen"])
+        result["stage2_from"] = {"file": str(args.from_best), "commit": start.get("commit"), "chosen": best}
+    else:
+        for layer in args.reference:  # subject-token values (the previous defaults at layer 6), for comparison
+            run({"layer": layer, "value_through_update": False, **base})
+        for layer in layers:
+            for mode in args.values:
+                if not (layer in args.reference and mode == "subject"):
+                    run({"layer": layer, "value_through_update": VALUE_MODES[mode], **base})
+        best = dict(max(rows, key=rank_key)["overrides"])
+    axes = (("clamp_norm_factor", args.clamps), ("kl_factor", args.kls), ("v_steps", args.steps),
+            ("preserve_subjects", args.preserve))
+    for name, values in axes:
         for value in values:
-            if best[name] != value:
+            if best.get(name, 0 if name == "preserve_subjects" else None) != value:
                 run({**best, name: value})
+    if not rows:
+        raise SystemExit("no configuration was run (every stage-2 value equals the starting configuration)")
     best = max(rows, key=rank_key)
     result["chosen"] = best["overrides"]
     result["chosen_scores"] = {"greedy": best["greedy"], "rome": best["rome"], "easyedit": best["easyedit"]}

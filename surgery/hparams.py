@@ -39,6 +39,17 @@ def _check_spread(hp) -> None:
         raise HparamsError(f"{type(hp).__name__}: prev_weight must be a finite number >= 0, got {w!r}")
 
 
+def _check_preserve(hp) -> None:
+    """(ROME) ``preserve_subjects`` an integer >= 0 and ``preserve_pool`` None or a list of non-empty strings."""
+    n = getattr(hp, "preserve_subjects", 0)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise HparamsError(f"{type(hp).__name__}: preserve_subjects must be an integer >= 0, got {n!r}")
+    pool = getattr(hp, "preserve_pool", None)
+    if pool is not None and (isinstance(pool, str) or not isinstance(pool, (list, tuple))
+                             or not all(isinstance(c, str) and c.strip() and "{}" not in c for c in pool)):
+        raise HparamsError(f"{type(hp).__name__}: preserve_pool must be null or a list of non-empty subject strings")
+
+
 @dataclass
 class StatsConfig:
     """Second-moment statistics of MLP keys (see :mod:`workbench.surgery.stats`)."""
@@ -74,6 +85,13 @@ class ROMEHparams(ValueOpt):
     ridge: float = 1e-4  # λ·tr(C)/d added to C before solving, for a well-posed inverse
     # optimise δ through the rank-one update (every position gets (uᵀk) δ) rather than at the subject token only
     value_through_update: bool = False
+    # keys of this many other subjects, put in the request's template, held fixed by the update
+    # (:mod:`workbench.surgery.preserve`); chosen from preserve_pool (None: the vocabulary's capitalised words)
+    preserve_subjects: int = 0
+    preserve_pool: list[str] | None = None
+
+    def __post_init__(self):
+        _check_preserve(self)
 
     @property
     def layers(self) -> list[int]:
@@ -195,9 +213,10 @@ def load_hparams(method: str, model=None, overrides: dict | None = None, path: s
 
 
 def validate_layers(hp, model) -> None:
-    """Every layer of ``hp`` must exist in ``model``, and the spread fields be valid (``_check_spread``; checked
+    """Every layer of ``hp`` must exist in ``model``, and the spread and preserve fields be valid (checked
     before any weight changes, also for a dataclass changed after it was made)."""
     _check_spread(hp)
+    _check_preserve(hp)
     n = model.config.num_hidden_layers
     layers = list(hp.layers)
     if not layers:

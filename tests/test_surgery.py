@@ -209,6 +209,63 @@ def test_rome_value_through_update_predicts_the_edited_model(through, tiny_stats
         assert abs(after - info["nll"]) > 1e-2
 
 
+POOL = ["Paris", "London", "Berlin", "Madrid", "Vienna", "Prague", "Lisbon", "Oslo", "Dublin", "Rome"]
+
+
+def _template_delta(m, tok, w0, layer, subjects):
+    """``ΔW k`` for each subject's key in REQ's template (the keys do not depend on this layer's down proj)."""
+    from workbench.surgery.preserve import template_keys
+
+    keys = template_keys(m, tok, layer, REQ.template, subjects).float()
+    return (down_weight(m, layer).detach() - w0) @ keys.T  # [d_model, n]
+
+
+@pytest.mark.parametrize("n", [0, 3])
+def test_rome_preserved_subjects_are_the_most_moved_and_keep_their_outputs(n, tiny_stats):
+    """preserve_subjects: the update still writes v* at k*, and gives the n subjects the plain update moves most
+    (REQ's template with another subject) no change at all; with n = 0 those subjects move (the control)."""
+    from workbench.surgery.preserve import most_moved, template_keys
+    from workbench.surgery.rome import key_direction
+
+    m, tok = fresh()
+    w0 = down_weight(m, 1).detach().clone()
+    hp = dict(VALUE, layer=1, preserve_subjects=n, preserve_pool=POOL)
+    res = edit_model(m, tok, [REQ], method="rome", hparams=hp, evaluate=False, stats=tiny_stats)
+    info = res.info["requests"][0]
+    k = compute_keys(m, tok, 1, [REQ], res.info["prefixes"])[0]
+    delta = torch.tensor(info["delta"])
+    torch.testing.assert_close((down_weight(m, 1).detach() - w0) @ k, delta, rtol=1e-4, atol=1e-4)
+    c = tiny_stats.second_moment(1, load_hparams("rome", overrides={"layer": 1}).ridge)
+    order = most_moved(key_direction(k, c), template_keys(m, tok, 1, REQ.template, POOL), 3).tolist()
+    top = [POOL[i] for i in order]
+    moved = _template_delta(m, tok, w0, 1, top).norm(dim=0) / delta.norm()
+    if n:
+        assert info["preserved"] == top
+        assert float(moved.max()) < 1e-4
+    else:
+        assert info["preserved"] == [] and float(moved.min()) > 1e-2
+
+
+def test_rome_preserve_refused_without_candidates_and_for_bad_values(tiny_stats):
+    """Too few candidates (the byte tokenizer has no word tokens) fails the edit with no weight changed; bad
+    preserve fields are refused when the hyperparameters are made."""
+    from workbench.surgery.preserve import NoCandidatesError
+
+    m, tok = fresh()
+    snap = snapshot(m)
+    with pytest.raises(NoCandidatesError, match="candidate subjects"):
+        edit_model(m, tok, [REQ], method="rome", hparams=dict(VALUE, layer=1, preserve_subjects=2),
+                   evaluate=False, stats=tiny_stats)
+    with pytest.raises(NoCandidatesError, match="candidate subjects"):  # "Eiffel" itself is not a candidate
+        edit_model(m, tok, [REQ], method="rome", evaluate=False, stats=tiny_stats,
+                   hparams=dict(VALUE, layer=1, preserve_subjects=2, preserve_pool=["Paris", "Eiffel"]))
+    assert_same_weights(m, snap)
+    for bad in ({"preserve_subjects": -1}, {"preserve_subjects": 1.5}, {"preserve_pool": "Paris"},
+                {"preserve_pool": ["Paris", ""]}):
+        with pytest.raises(HparamsError, match="preserve_"):
+            load_hparams("rome", overrides={"layer": 1, **bad})
+
+
 def test_memit_single_edit_single_layer_is_rome_scaled_by_the_regulariser(tiny_stats):
     """ΔW_MEMIT = ΔW_ROME · kᵀC⁻¹k / (λ + kᵀC⁻¹k) (Sherman–Morrison) for one request and one layer, same C."""
     hp = dict(VALUE, n_prefixes=2, prefix_len=5, ridge=1e-3)
