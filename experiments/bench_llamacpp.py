@@ -21,6 +21,16 @@ llama-cpp-python is a benchmark-only dependency, built from its sdist (several m
     .venv/bin/pip install llama-cpp-python==0.3.36 --no-binary llama-cpp-python
     .venv/bin/python experiments/bench_llamacpp.py --json experiments/results/bench_llamacpp.json
 
+On a CPU with AMX (Intel Sapphire Rapids and later) that native build crashes (SIGSEGV) on the first evaluation
+of any Q8_0 or Q4_1 file, its own quantizer's files included; F32 and F16 run. A build with the AVX-512 paths and
+without the AMX ones runs all four:
+
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX_VNNI=ON \
+      -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON \
+      -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" \
+      .venv/bin/pip install --force-reinstall --no-deps --no-cache-dir llama-cpp-python==0.3.36 \
+      --no-binary llama-cpp-python
+
 Target: >= 1.0x llama.cpp at batch 1 in every format.
 """
 
@@ -181,7 +191,10 @@ def main() -> None:
 
     write_json(args.json, {**provenance(), "model": args.model, "threads": args.threads,
                            "new_tokens": args.new_tokens, "rounds": args.rounds, "prompt_tokens": len(prompt),
-                           "llama_cpp_python": metadata.version("llama_cpp_python"), "rows": rows,
+                           "llama_cpp_python": metadata.version("llama_cpp_python"),
+                           # the instruction sets this llama.cpp build uses (it builds for its build machine)
+                           "llama_cpp_system_info": llama_cpp.llama_print_system_info().decode().strip(),
+                           "rows": rows,
                            "target_1x_met": met})
 
 
