@@ -9,12 +9,13 @@ round-robin), so the chosen defaults are not fitted to the facts that measure th
   Reported: the mean ``ρ`` at the subject's last token of the bare edit prompt and of the paraphrases (the
   edit should reach them: ρ near 1) and the largest ``|ρ|`` over the positions of each neighbourhood prompt
   (it should not: ρ near 0), and their ratio. This tells which of the layers causal tracing points to keep
-  subjects apart.
+  subjects apart. ``--specificity-preserve N ...`` repeats it with ``u`` holding N preserved subjects fixed
+  (``workbench.surgery.preserve``); ``--specificity-only`` stops after it.
 - **Stage 1.** ``--reference`` layers with subject-token values (layer 6: the previous defaults), then each layer of
   ``--layers`` with each value mode of ``--values`` (``subject``: δ at the subject's last token, Meng et al.
   2022; ``update``: δ optimised through the rank-one update, ``value_through_update``).
-- **Stage 2.** At the best of stage 1, one of ``clamp_norm_factor``, ``kl_factor`` and ``v_steps`` varied at a
-  time.
+- **Stage 2.** At the best of stage 1 (or the choice of a written sweep, ``--from-best``), one of
+  ``clamp_norm_factor``, ``kl_factor``, ``v_steps`` and ``preserve_subjects`` (``--preserve``) varied at a time.
 
 Each configuration edits every sweep fact alone (``workbench.surgery.Editor``), measures it
 (``workbench.surgery.metrics.evaluate_requests`` against the unedited model) and undoes it. Configurations are
@@ -85,14 +86,16 @@ def rank_files(paths: list[Path], out: Path) -> None:
     print(f"chosen: {json.dumps(rows[0]['overrides'])}\nwrote {out}")
 
 
-def specificity(model, tok, reqs, layers, stats, prefixes, ridge: float) -> list[dict]:
-    """Stage 0 (see the module doc): per layer, mean ρ at the edit and paraphrase prompts' subject and the
-    mean over neighbourhood prompts of the largest |ρ| over their positions."""
+def specificity(model, tok, reqs, layers, stats, prefixes, ridge: float, preserve=(0,)) -> list[dict]:
+    """Stage 0 (see the module doc): per layer and number of preserved subjects, mean ρ at the edit and
+    paraphrase prompts' subject and the mean over neighbourhood prompts of the largest |ρ| over their positions."""
+    from workbench.surgery import preserve as P
     from workbench.surgery.compute import mlp_keys, subject_end, subject_index
     from workbench.surgery.rome import key_direction
 
-    acc = {layer: {"bare": [], "paraphrase": [], "neighbour_max": []} for layer in layers}
+    acc = {(layer, n): {"bare": [], "paraphrase": [], "neighbour_max": []} for layer in layers for n in preserve}
     covs = {layer: stats.second_moment(layer, ridge) for layer in layers}
+    pool = P.vocab_subjects(tok) if any(preserve) else []
     for req in reqs:
         # k*: the key at the subject's last token averaged over the prefixed prompts (as the editor computes it)
         ctx = [p + req.text for p in prefixes]
@@ -106,18 +109,23 @@ def specificity(model, tok, reqs, layers, stats, prefixes, ridge: float) -> list
             j = text.find(req.subject)
             if j >= 0:
                 at_subject.append((row, subject_index(tok, text, j + len(req.subject))))
+        subjects = P.candidates(req, pool)
         for layer in layers:
             k_star = keys[layer][torch.arange(len(ctx)), last].mean(0)
-            u = key_direction(k_star, covs[layer]).float()
-            rho = (got[layer] @ u) * mask  # [prompts, positions]
-            for row, t in at_subject:
-                acc[layer]["bare" if row == 0 else "paraphrase"].append(float(rho[row, t]))
-            acc[layer]["neighbour_max"] += rho[1 + n_para:].abs().max(dim=1).values.tolist()
+            u0 = key_direction(k_star, covs[layer])
+            cand = P.template_keys(model, tok, layer, req.template, subjects) if any(preserve) else None
+            for n in preserve:
+                u = u0 if n == 0 else P.preserving_direction(
+                    k_star, covs[layer], cand[P.most_moved(u0, cand, n)])
+                rho = (got[layer] @ u.float()) * mask  # [prompts, positions]
+                for row, t in at_subject:
+                    acc[layer, n]["bare" if row == 0 else "paraphrase"].append(float(rho[row, t]))
+                acc[layer, n]["neighbour_max"] += rho[1 + n_para:].abs().max(dim=1).values.tolist()
     rows = []
-    for layer in layers:
-        m = {k: sum(v) / len(v) for k, v in acc[layer].items() if v}
+    for layer, n in acc:
+        m = {k: sum(v) / len(v) for k, v in acc[layer, n].items() if v}
         m["ratio"] = m["neighbour_max"] / m["paraphrase"]
-        rows.append({"layer": layer, **m})
+        rows.append({"layer": layer, **({"preserve_subjects": n} if n else {}), **m})
     return rows
 
 
@@ -157,6 +165,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, nargs="*", default=[40])
     ap.add_argument("--preserve", type=int, nargs="*", default=[],
                     help="stage 2: preserve_subjects values to try (subjects held fixed; default: none)")
+    ap.add_argument("--specificity-preserve", type=int, nargs="*", default=[0], metavar="N",
+                    help="stage 0 also with N preserved subjects (0: the plain update; default: 0 only)")
+    ap.add_argument("--specificity-only", action="store_true", help="run stage 0 only")
     ap.add_argument("--from-best", type=Path, default=None, metavar="SWEEP_JSON",
                     help="skip stage 1: start stage 2 from the chosen configuration of a written sweep or --rank "
                          "file on the same facts (rank the files together with --rank afterwards)")
@@ -179,6 +190,8 @@ def main() -> None:
         rank_files(args.rank, args.out)
         return
     args.out = args.out or OUT / "sweep_smollm2.json"
+    if any(n < 0 for n in [*args.preserve, *args.specificity_preserve]):
+        ap.error("--preserve / --specificity-preserve: counts must be >= 0")
     start = None
     if args.from_best is not None:
         try:
@@ -231,13 +244,17 @@ def main() -> None:
     spec_reqs = pick(rest, None)
     prefixes = context_prefixes(model, tok, hp0.n_prefixes, hp0.prefix_len, hp0.seed)
     result["specificity"] = specificity(model, tok, spec_reqs, args.specificity_layers, stats, prefixes,
-                                        hp0.ridge) if args.specificity_layers else []  # stage 0 off
+                                        hp0.ridge, args.specificity_preserve) if args.specificity_layers else []
     result["specificity_facts"] = len(spec_reqs) if args.specificity_layers else 0
     print(f"stage 0: key specificity over {len(spec_reqs)} facts ({time.time() - t0:.0f} s)")
-    print(f"{'layer':>6}{'rho edit':>10}{'rho para':>10}{'|rho| neigh':>13}{'neigh/para':>12}")
+    print(f"{'layer':>6}{'preserved':>10}{'rho edit':>10}{'rho para':>10}{'|rho| neigh':>13}{'neigh/para':>12}")
     for s in result["specificity"]:
-        print(f"{s['layer']:>6}{s['bare']:>10.3f}{s['paraphrase']:>10.3f}{s['neighbour_max']:>13.3f}{s['ratio']:>12.3f}")
+        print(f"{s['layer']:>6}{s.get('preserve_subjects', 0):>10}{s['bare']:>10.3f}{s['paraphrase']:>10.3f}"
+              f"{s['neighbour_max']:>13.3f}{s['ratio']:>12.3f}")
     write_json(args.out, {**provenance(), **result})
+    if args.specificity_only:
+        print(f"wrote {args.out}")
+        return
 
     def show(row):
         g, r = row["greedy"], row["rome"]
