@@ -8,13 +8,20 @@ control vectors (repeng / llama.cpp compatible).
 
 Import this package as ``workbench.surgery``. The bare name ``surgery`` belongs to another PyPI
 project; when the repository root is on ``sys.path`` this folder would shadow it, so under any other
-name it is an empty shell (no ``__file__``, no submodules). See ``kernels/__init__.py``.
+name it hands the name to that project when it is installed, else it is an empty shell (no ``__file__``,
+no submodules). See ``workbench/_shadow.py``.
 Exports load lazily: importing the package has no side effects.
 """
 
 if __name__ != "workbench.surgery":
+    import os as _os
+
+    from workbench._shadow import hand_over as _hand_over
+
+    _folder = _os.path.dirname(__file__)
     __file__ = None  # noqa: A001 - marks a shadowing folder, not an installed package
     __path__ = []  # no submodule of this folder can be imported under the bare name
+    _hand_over(__name__, _folder)  # the PyPI project of this name, when installed, takes this place
 else:
     _EXPORTS = {
         "EditRequest": "requests", "BadRequestError": "requests", "load_requests": "requests",
