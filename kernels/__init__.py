@@ -8,11 +8,7 @@ it) and is otherwise an empty shell: no ``__file__``, no submodules. See ``workb
 """
 
 if __name__ != "workbench.kernels":
-    import os as _os
+    from workbench._shadow import stand_aside
 
-    from workbench._shadow import hand_over as _hand_over
-
-    _folder = _os.path.dirname(__file__)
-    __file__ = None  # noqa: A001 - marks a shadowing folder, not an installed package
-    __path__ = []  # no submodule of this folder can be imported under the bare name
-    _hand_over(__name__, _folder)  # the PyPI project of this name, when installed, takes this place
+    stand_aside(globals())  # an empty shell; the PyPI project of this name, when installed, takes its place
+    del stand_aside

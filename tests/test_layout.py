@@ -20,7 +20,7 @@ def _probe_bare(bare, run_dir):
         "import sys, importlib\n"
         f"try:\n    m = importlib.import_module({bare!r})\nexcept ImportError:\n    print('ABSENT'); sys.exit(0)\n"
         "f = getattr(m, '__file__', None)\n"
-        "api = sorted(n for n in dir(m) if not n.startswith('_'))\n"
+        "api = sorted(n for n in dir(m) if not n.startswith('__'))\n"
         f"try:\n    importlib.import_module({bare!r} + '.__init__'); sub = True\nexcept ImportError:\n    sub = False\n"
         "print('FOUND', f, api, list(getattr(m, '__path__', [])), sub)"
     )

@@ -4,7 +4,7 @@ The repository keeps ``kernels/`` and ``surgery/`` at its root, mapped to ``work
 ``workbench.surgery`` by setuptools. When Python runs with the repository root on ``sys.path`` (a
 REPL, ``python -c`` or a notebook kernel started there), ``import kernels`` would find that folder
 before the PyPI package of the same name, which transformers imports for its kernel hub. The folders'
-``__init__`` call :func:`hand_over` when imported under the bare name: the owner's package, found on
+``__init__`` call :func:`stand_aside` when imported under the bare name: the owner's package, found on
 the rest of ``sys.path``, is loaded in the folder's place; without one the folder stays an empty shell.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -23,12 +24,21 @@ def _resolved(entry: str) -> Path | None:
         return None
 
 
+def stand_aside(namespace: dict) -> bool:
+    """Make the shadowing package whose globals are ``namespace`` an empty shell (no ``__file__``, no
+    submodules), then :func:`hand_over` its name; return whether another project took it."""
+    folder = os.path.dirname(namespace["__file__"])
+    namespace["__file__"] = None
+    namespace["__path__"] = []  # no submodule of the folder can be imported under the bare name
+    return hand_over(namespace["__name__"], folder)
+
+
 def hand_over(name: str, folder: str) -> bool:
     """Load the other project's ``name`` into ``sys.modules[name]``; return whether one was found.
 
-    ``folder`` is the shadowing folder (``os.path.dirname(__file__)``). The import system returns
-    whatever ``sys.modules[name]`` holds once the shadowing ``__init__`` has run, so the caller gets
-    the owner's package.
+    ``folder`` is the shadowing folder. The import system returns whatever ``sys.modules[name]`` holds once
+    the shadowing ``__init__`` has run, so the caller gets the owner's package; if the owner's import fails,
+    the error propagates and the import system drops ``sys.modules[name]`` as for any failed import.
     """
     root = Path(folder).resolve().parent
     rest = [p for p in sys.path if isinstance(p, str) and _resolved(p) != root]
@@ -36,14 +46,6 @@ def hand_over(name: str, folder: str) -> bool:
     if spec is None or spec.loader is None:
         return False
     module = importlib.util.module_from_spec(spec)
-    shell = sys.modules.get(name)
     sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        if shell is not None:
-            sys.modules[name] = shell
-        else:
-            sys.modules.pop(name, None)
-        raise
+    spec.loader.exec_module(module)
     return True
